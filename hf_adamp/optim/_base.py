@@ -1,0 +1,346 @@
+"""The step structure shared by AdamP and SGDP.
+
+One step runs in five phases (DESIGN section 2):
+
+1. ``first``: update the moments of every local tensor and accumulate the per-row sums
+   ``g.p, g.g, p.p, p.u`` of every row segment into one ``(4, rows)`` buffer; finish element-wise
+   (never projected) tensors right away;
+2. reduce that buffer across ranks, once, if a sharding engine attached a reducer;
+3. decide, for every parameter at once, from the reduced sums (tensor ops only, no host sync);
+4. ``second``: project the update of each row segment, apply weight decay and the step.
+
+Subclasses give the optimizer-specific halves of phases 1 and 4, in two forms: a plain one that works on
+whole tensors and documents the maths, and a fast one that works in cache-sized chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import projection
+from ..sharding.layout import Layout, ParamSpec, Piece, Segment, split_piece
+
+# Elements per chunk on the fast path: a few such chunks of every operand stay in the last-level cache.
+CHUNK_ELEMS = 1 << 20
+# Segments of the plain path are whole pieces.
+_WHOLE = 1 << 62
+
+Reducer = Callable[[Tensor], None]
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__}")
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+
+
+def check_range(name: str, value: Any, low: float, high: float, high_inclusive: bool) -> None:
+    check_non_negative(name, value)
+    ok = low <= value <= high if high_inclusive else low <= value < high
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"Invalid {name}: {value} (must be in [{low}, {high}{bracket})")
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Optimizer state (moments) is kept in fp32 for half-precision parameters, else in their dtype."""
+    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+
+
+@dataclass
+class Item:
+    """One local tensor taking part in a step, with what both halves of the step need."""
+
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Any]
+    group: dict[str, Any]
+    segments: list[Segment]
+    scalars: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # plain path: whole-tensor update
+
+
+class ProjectedOptimizer(Optimizer):
+    """Base of AdamP and SGDP: lazy state, the phased step, and the hooks sharding engines use."""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._init_runtime()
+
+    # ----- runtime attributes (not part of state_dict, rebuilt after unpickling) -----
+    def _init_runtime(self) -> None:
+        self._layout: Layout | None = None
+        self._reducer: Reducer | None = None
+        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._last_kind: Tensor | None = None
+        self._last_keys: list[Any] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+        self._init_runtime()
+
+    def attach_layout(self, layout: Layout | None, reducer: Reducer | None = None) -> None:
+        """Tell the optimizer where parameter rows lie in the tensors it is handed (sharding engines)."""
+        self._layout, self._reducer = layout, reducer
+        self._scratch.clear()
+
+    # ----- what subclasses provide -----
+    def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _prepare(self, item: Item) -> None:
+        """Advance per-tensor counters and fill ``item.scalars`` (host floats only)."""
+        raise NotImplementedError
+
+    def _decay_factors(self, group: dict[str, Any]) -> tuple[float, float]:
+        """Multipliers of the parameter for weight decay: (not projected, projected)."""
+        raise NotImplementedError
+
+    def _first_plain(self, item: Item, stats: Tensor) -> None:
+        raise NotImplementedError
+
+    def _second_plain(self, item: Item, coef: Tensor, decay: Tensor) -> None:
+        raise NotImplementedError
+
+    def _first_fast(self, item: Item, stats: Tensor) -> None:
+        raise NotImplementedError
+
+    def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
+        raise NotImplementedError
+
+    # ----- the step -----
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        items, specs, slot_groups, keys = self._collect()
+        if not items:
+            return loss
+
+        layout = self._layout
+        total_rows = layout.total_rows if layout is not None else sum(s.rows for s in specs)
+        stats_dtype = torch.float64 if any(state_dtype(it.param) == torch.float64 for it in items) else torch.float32
+        device = items[0].param.device
+        stats = torch.zeros((projection.NUM_STATS, total_rows), dtype=stats_dtype, device=device)
+
+        for item in items:
+            self._prepare(item)
+            (self._first_fast if self._fast(item) else self._first_plain)(item, stats)
+
+        if self._reducer is not None:
+            self._reducer(stats)
+
+        if total_rows == 0:
+            self._last_kind, self._last_keys = None, []
+            return loss
+        decision, decay = self._decide(stats, specs, slot_groups)
+        self._last_kind, self._last_keys = decision.kind, keys
+
+        coefs: dict[torch.dtype, Tensor] = {}
+        for item in items:
+            dt = state_dtype(item.param)
+            if dt not in coefs:
+                coefs[dt] = decision.coef.to(dt)
+            (self._second_fast if self._fast(item) else self._second_plain)(item, coefs[dt], decay)
+        return loss
+
+    @staticmethod
+    def _fast(item: Item) -> bool:
+        return item.group.get("foreach") is not False
+
+    def _collect(self) -> tuple[list[Item], list[ParamSpec], list[dict[str, Any] | None], list[Any]]:
+        """Tensors with gradients, their segments, and the table of parameter slots."""
+        layout = self._layout
+        items: list[Item] = []
+        specs: list[ParamSpec] = [] if layout is None else layout.params
+        slot_groups: list[dict[str, Any] | None] = [None] * len(specs)
+        keys: list[Any] = [] if layout is None else [s.name for s in specs]
+        offset = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_tensor(p)
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                chunk = CHUNK_ELEMS if group.get("foreach") is not False else _WHOLE
+                if layout is not None:
+                    if not layout.holds(p):
+                        raise RuntimeError(
+                            f"{type(self).__name__}: a tensor of shape {tuple(p.shape)} is not in the attached "
+                            "sharding layout, so its parameter rows are unknown. Re-attach the layout after the "
+                            "engine rebuilds its partitions (see hf_adamp.sharding)."
+                        )
+                    segments = layout.segments(p, chunk)
+                    for seg in segments:
+                        if seg.slot >= 0 and slot_groups[seg.slot] is None:
+                            slot_groups[seg.slot] = group
+                else:
+                    if p.dim() > 1 and p.numel() > 0:
+                        spec = ParamSpec(tuple(p.shape))
+                        slot = len(specs)
+                        specs.append(spec)
+                        slot_groups.append(group)
+                        keys.append(p)
+                        segments = split_piece(Piece(slot, 0, 0, p.numel()), spec, offset, chunk)
+                        offset += spec.rows
+                    else:
+                        spec = ParamSpec((p.numel(),))
+                        segments = split_piece(Piece(-1, 0, 0, p.numel()), spec, 0, chunk)
+                grad = p.grad
+                if grad.stride() != p.stride():
+                    grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
+                items.append(Item(p, grad, state, group, segments))
+        return items, specs, slot_groups, keys
+
+    def _check_tensor(self, p: Tensor) -> None:
+        name = type(self).__name__
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        if p.is_complex():
+            raise TypeError(f"{name} does not support complex parameters (got {p.dtype})")
+        if not p.is_floating_point():
+            raise TypeError(f"{name} needs floating-point parameters (got {p.dtype})")
+
+    def _decide(
+        self, stats: Tensor, specs: list[ParamSpec], slot_groups: list[dict[str, Any] | None]
+    ) -> tuple[projection.Decision, Tensor]:
+        """Per-slot hyperparameters as tensors, then the batched decision and decay multipliers."""
+        dtype, device = stats.dtype, stats.device
+        row_len, numel, delta, eps, plain, projected = [], [], [], [], [], []
+        for spec, group in zip(specs, slot_groups):
+            group = group if group is not None else self.defaults  # slot with no local piece: unused
+            row_len.append(float(max(spec.row_len, 1)))
+            numel.append(float(max(spec.numel, 1)))
+            delta.append(group["delta"])
+            eps.append(group["eps"])
+            d_plain, d_proj = self._decay_factors(group)
+            plain.append(d_plain)
+            projected.append(d_proj)
+        as_t = lambda xs: torch.tensor(xs, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
+        counts = torch.tensor([s.rows for s in specs]).to(device, non_blocking=True)
+        owner = torch.repeat_interleave(torch.arange(len(specs), device=device), counts, output_size=stats.shape[1])
+        decision = projection.decide(stats, owner, as_t(row_len), as_t(numel), as_t(delta), as_t(eps))
+        decay = torch.where(decision.projected, as_t(projected), as_t(plain))
+        return decision, decay
+
+    # ----- helpers for subclasses -----
+    def scratch(self, dtype: torch.dtype, device: torch.device, count: int, elems: int) -> list[Tensor]:
+        """``count`` reusable flat buffers of at least ``elems`` elements (no page faults per step)."""
+        key = (dtype, device)
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape[0] < count or buf.shape[1] < elems:
+            rows = max(count, 0 if buf is None else buf.shape[0])
+            cols = max(elems, CHUNK_ELEMS, 0 if buf is None else buf.shape[1])
+            buf = torch.empty((rows, cols), dtype=dtype, device=device)
+            self._scratch[key] = buf
+        return [buf[i, :elems] for i in range(count)]
+
+    def projection_decisions(self) -> dict[Any, str]:
+        """What the last step decided for each projectable parameter: "channel", "layer" or "none".
+
+        Keys are the parameters themselves, or their names when a sharding layout is attached.
+        Reading this syncs with the device; it is meant for tests and logging, not for every step.
+        """
+        if self._last_kind is None:
+            return {}
+        kinds = self._last_kind.tolist()
+        return {key: projection.DECISION_NAMES[k] for key, k in zip(self._last_keys, kinds)}
+
+    # ----- state_dict: keep fp32 state for half-precision parameters -----
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        originals: dict[int, dict[str, Any]] = {}
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if p.dtype in (torch.float16, torch.bfloat16) and pid in saved_state:
+                originals[id(p)] = saved_state[pid]
+        super().load_state_dict(state_dict)
+        for p in params:
+            saved = originals.get(id(p))
+            if saved is None:
+                continue
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and value.is_floating_point() and key != "step":
+                    self.state[p][key] = value.to(dtype=torch.float32, device=p.device)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+
+
+def flat(t: Tensor) -> Tensor:
+    """The tensor's storage as a 1-D view in memory order.
+
+    Row sums do not depend on the order inside a row, so any dense layout whose first dimension is
+    outermost works (contiguous, or channels_last for conv weights).
+    """
+    if t.is_contiguous():
+        return t.view(-1)
+    n = t.numel()
+    if t.dim() > 1 and t.stride(0) * t.shape[0] == n and sorted(t.stride())[0] == 1 and _is_dense(t):
+        return t.as_strided((n,), (1,))
+    raise RuntimeError(
+        f"hf_adamp: a parameter of shape {tuple(t.shape)} with strides {t.stride()} is not stored densely "
+        "row by row; make it contiguous (param.data = param.data.contiguous())."
+    )
+
+
+def _is_dense(t: Tensor) -> bool:
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def seg_view(flat_tensor: Tensor, seg: Segment) -> Tensor:
+    """The segment's elements as a (rows, row_len) view."""
+    n = seg.rows * seg.row_len
+    return flat_tensor[seg.start : seg.start + n].view(seg.rows, seg.row_len)
+
+
+def compute_copy(t: Tensor) -> Tensor:
+    """The tensor in its compute dtype: itself for fp32/fp64, an fp32 copy for fp16/bf16."""
+    dt = state_dtype(t)
+    return t if t.dtype == dt else t.to(dt)
+
+
+def write_back(param: Tensor, computed: Tensor) -> None:
+    if computed is not param:
+        param.copy_(computed)
+
+
+def load_segment(src: Tensor, buf: Tensor, seg: Segment, upcast: bool, negate: bool) -> Tensor:
+    """A segment in the compute dtype: the view itself, or a copy in scratch memory."""
+    if not upcast and not negate:
+        return src
+    out = buf.view(seg.rows, seg.row_len)
+    if negate:
+        torch.neg(src, out=out) if not upcast else out.copy_(src).neg_()
+    else:
+        out.copy_(src)
+    return out

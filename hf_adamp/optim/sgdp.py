@@ -1,0 +1,195 @@
+"""SGDP: SGD with momentum whose update loses its radial component on scale-invariant weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import required
+
+from .. import projection
+from ._base import (
+    Item,
+    ProjectedOptimizer,
+    check_non_negative,
+    check_range,
+    compute_copy,
+    flat,
+    load_segment,
+    seg_view,
+    state_dtype,
+    write_back,
+)
+
+
+class SGDP(ProjectedOptimizer):
+    """SGDP, with the arguments and defaults of the reference ``adamp.SGDP`` (0.3.0).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (required).
+        momentum: momentum factor, in [0, 1).
+        dampening: dampening of the gradient added to the momentum buffer, in [0, 1].
+        weight_decay: ``p *= 1 - lr * weight_decay * ratio / (1 - momentum)``, with ``ratio = wd_ratio`` on
+            parameters whose update was projected and 1 elsewhere (the reference's scaling).
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        eps, delta, wd_ratio: as for :class:`hf_adamp.AdamP`.
+        maximize, foreach: as for :class:`hf_adamp.AdamP`.
+
+    Like the reference, the first step stores ``(1 - dampening) * grad`` in the momentum buffer (torch's
+    SGD stores ``grad``), and without Nesterov the projected update is written back into the buffer.
+    State per parameter: ``momentum`` (fp32 for fp16/bf16 parameters, else the parameter's dtype).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = required,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        eps: float = 1e-8,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        if lr is required:
+            raise TypeError("SGDP: lr is required (SGDP(params, lr=...))")
+        check_non_negative("lr", lr)
+        check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
+        check_range("dampening", dampening, 0.0, 1.0, high_inclusive=True)
+        check_non_negative("weight_decay", weight_decay)
+        check_non_negative("eps", eps)
+        check_non_negative("delta", delta)
+        check_range("wd_ratio", wd_ratio, 0.0, 1.0, high_inclusive=True)
+        if nesterov and momentum <= 0:
+            raise ValueError("Invalid nesterov: Nesterov momentum needs momentum > 0 (got momentum=0)")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=bool(nesterov),
+            eps=eps,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            maximize=bool(maximize),
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        state["momentum"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+
+    def _prepare(self, item: Item) -> None:
+        group = item.group
+        item.scalars = dict(
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            lr=group["lr"],
+            decay=self._decay_factors(group)[0],
+        )
+
+    def _decay_factors(self, group: dict[str, Any]) -> tuple[float, float]:
+        scaled = group["lr"] * group["weight_decay"] / (1 - group["momentum"])
+        return 1.0 - scaled, 1.0 - scaled * group["wd_ratio"]
+
+    # ----- plain path -----
+    def _first_plain(self, item: Item, stats: Tensor) -> None:
+        s, group = item.scalars, item.group
+        param, grad = compute_copy(item.param), compute_copy(item.grad)
+        if group["maximize"]:
+            grad = -grad
+        buf = item.state["momentum"]
+        buf.mul_(s["momentum"]).add_(grad, alpha=1 - s["dampening"])
+        update = grad + s["momentum"] * buf if group["nesterov"] else buf  # the buffer itself, as in the reference
+
+        if any(seg.slot >= 0 for seg in item.segments):
+            f_g, f_p, f_u = flat(grad), flat(param), flat(update)
+            for seg in item.segments:
+                if seg.slot >= 0:
+                    rows = stats[:, seg.stat_row : seg.stat_row + seg.rows]
+                    projection.accumulate_row_sums(rows, seg_view(f_g, seg), seg_view(f_p, seg), seg_view(f_u, seg))
+            item.extra = dict(param=param, update=update)
+            return
+        if group["weight_decay"] > 0:
+            param.mul_(s["decay"])
+        param.add_(update, alpha=-s["lr"])
+        write_back(item.param, param)
+
+    def _second_plain(self, item: Item, coef: Tensor, decay: Tensor) -> None:
+        if not item.extra:
+            return
+        s, group = item.scalars, item.group
+        param, update = item.extra["param"], item.extra["update"]
+        f_p, f_u = flat(param), flat(update)
+        for seg in item.segments:
+            p_seg = seg_view(f_p, seg)
+            if seg.slot >= 0:
+                seg_view(f_u, seg).sub_(p_seg * coef[seg.stat_row : seg.stat_row + seg.rows, None])
+            if group["weight_decay"] > 0:
+                p_seg.mul_(decay[seg.slot] if seg.slot >= 0 else s["decay"])
+        param.add_(update, alpha=-s["lr"])
+        write_back(item.param, param)
+        item.extra = {}
+
+    # ----- fast path -----
+    def _first_fast(self, item: Item, stats: Tensor) -> None:
+        s, group = item.scalars, item.group
+        f_p, f_g, f_b = flat(item.param), flat(item.grad), flat(item.state["momentum"])
+        dt = f_b.dtype
+        upcast = f_p.dtype != dt
+        for seg in item.segments:
+            d_buf, tmp, g_buf, p_buf = self.scratch(dt, f_b.device, 4, seg.rows * seg.row_len)
+            g = load_segment(seg_view(f_g, seg), g_buf, seg, upcast, group["maximize"])
+            b = seg_view(f_b, seg)
+            b.mul_(s["momentum"]).add_(g, alpha=1 - s["dampening"])
+            d = self._direction(d_buf, b, g, s, group["nesterov"], seg)
+            p = load_segment(seg_view(f_p, seg), p_buf, seg, upcast, False)
+            if seg.slot < 0:
+                if group["weight_decay"] > 0:
+                    p.mul_(s["decay"])
+                p.add_(d, alpha=-s["lr"])
+                if upcast:
+                    seg_view(f_p, seg).copy_(p)
+                continue
+            tmp = tmp.view(seg.rows, seg.row_len)
+            out = stats[:, seg.stat_row : seg.stat_row + seg.rows]
+            torch.sum(torch.mul(g, p, out=tmp), dim=1, dtype=out.dtype, out=out[projection.GP])
+            torch.linalg.vector_norm(g, dim=1, dtype=out.dtype, out=out[projection.GG])
+            torch.linalg.vector_norm(p, dim=1, dtype=out.dtype, out=out[projection.PP])
+            torch.sum(torch.mul(p, d, out=tmp), dim=1, dtype=out.dtype, out=out[projection.PU])
+            out[projection.GG : projection.PP + 1].square_()
+
+    def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
+        s, group = item.scalars, item.group
+        if all(seg.slot < 0 for seg in item.segments):
+            return
+        f_p, f_g, f_b = flat(item.param), flat(item.grad), flat(item.state["momentum"])
+        dt = f_b.dtype
+        upcast = f_p.dtype != dt
+        for seg in item.segments:
+            if seg.slot < 0:
+                continue
+            d_buf, _, g_buf, p_buf = self.scratch(dt, f_b.device, 4, seg.rows * seg.row_len)
+            g = load_segment(seg_view(f_g, seg), g_buf, seg, upcast, group["maximize"]) if group["nesterov"] else None
+            d = self._direction(d_buf, seg_view(f_b, seg), g, s, group["nesterov"], seg)
+            p = load_segment(seg_view(f_p, seg), p_buf, seg, upcast, False)
+            d.addcmul_(p, coef[seg.stat_row : seg.stat_row + seg.rows, None], value=-1)
+            if group["weight_decay"] > 0:
+                p.mul_(decay[seg.slot])
+            p.add_(d, alpha=-s["lr"])
+            if upcast:
+                seg_view(f_p, seg).copy_(p)
+
+    @staticmethod
+    def _direction(out: Tensor, buf: Tensor, grad: Tensor | None, s: dict, nesterov: bool, seg: Any) -> Tensor:
+        """The un-projected update: grad + momentum * buf (Nesterov), else the buffer itself."""
+        if not nesterov:
+            return buf
+        return torch.add(grad, buf, alpha=s["momentum"], out=out.view(seg.rows, seg.row_len))
