@@ -217,7 +217,7 @@ class ProjectedOptimizer(Optimizer):
     def _check_tensor(self, p: Tensor) -> None:
         name = type(self).__name__
         if p.grad.is_sparse:
-            raise RuntimeError(f"{name} does not support sparse gradients")
+            raise TypeError(f"{name} does not support sparse gradients (got a {p.grad.layout} gradient)")
         if p.is_complex():
             raise TypeError(f"{name} does not support complex parameters (got {p.dtype})")
         if not p.is_floating_point():

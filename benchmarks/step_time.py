@@ -1,0 +1,159 @@
+"""Time one optimizer step of hf_adamp against torch and the reference packages.
+
+All optimizers share the same parameters and gradients and are stepped in turn, round after round,
+in one process, so that machine noise hits them alike. Prints the median step time, its ratio to
+torch's AdamW (for-loop and fused) and SGD, and the peak memory a step adds on top of what was
+resident before it (Linux: VmHWM after clearing it).
+
+    python benchmarks/step_time.py --model gpt2-small --rounds 15
+    python benchmarks/step_time.py --model small --only adamp,adamw
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import hf_adamp
+
+
+def gpt2_small_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, positions: int = 1024) -> list[tuple]:
+    """The 148 parameter shapes of GPT-2 small (124M parameters), Conv1D weights stored [in, out]."""
+    shapes: list[tuple] = [(vocab, width), (positions, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+MODELS = {
+    "gpt2-small": gpt2_small_shapes,
+    "small": lambda: gpt2_small_shapes(layers=4, width=256, vocab=8000, positions=256),
+}
+
+
+def candidates(params: list[torch.Tensor], lr: float) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+    wd = 0.01
+    out: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "hf_adamp.AdamP": lambda: hf_adamp.AdamP(params, lr=lr, weight_decay=wd),
+        "hf_adamp.AdamP(plain)": lambda: hf_adamp.AdamP(params, lr=lr, weight_decay=wd, foreach=False),
+        "hf_adamp.SGDP": lambda: hf_adamp.SGDP(params, lr=lr, momentum=0.9, weight_decay=wd),
+        "hf_adamp.RAdam": lambda: hf_adamp.RAdam(params, lr=lr, weight_decay=wd),
+        "torch.AdamW(for-loop)": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False),
+        "torch.AdamW(foreach)": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=True),
+        "torch.AdamW(fused)": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True),
+        "torch.SGD(for-loop)": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, foreach=False),
+        "torch.SGD(foreach)": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, foreach=True),
+        "torch.SGD(fused)": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, fused=True),
+        "torch.RAdam": lambda: torch.optim.RAdam(params, lr=lr, weight_decay=wd),
+    }
+    try:
+        import adamp
+
+        out["adamp.AdamP"] = lambda: adamp.AdamP(params, lr=lr, weight_decay=wd)
+        out["adamp.SGDP"] = lambda: adamp.SGDP(params, lr=lr, momentum=0.9, weight_decay=wd)
+    except ImportError:
+        pass
+    try:
+        import pytorch_optimizer
+
+        out["pytorch_optimizer.AdamP"] = lambda: pytorch_optimizer.AdamP(params, lr=lr, weight_decay=wd)
+    except ImportError:
+        pass
+    return out
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def timed_step(opt: torch.optim.Optimizer) -> tuple[float, float | None]:
+    """Seconds for one step, and the peak resident memory it added (MB), where Linux tells."""
+    measure = _reset_peak()
+    before = _status_kb("VmRSS:") if measure else None
+    t0 = time.perf_counter()
+    opt.step()
+    dt = time.perf_counter() - t0
+    peak = _status_kb("VmHWM:") if measure else None
+    extra = (peak - before) / 1024 if before is not None and peak is not None else None
+    return dt, extra
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="gpt2-small")
+    ap.add_argument("--rounds", type=int, default=11, help="timed rounds (after 2 warm-up rounds)")
+    ap.add_argument("--only", default="", help="comma-separated substrings; keep optimizers whose name has one")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    shapes = MODELS[args.model]()
+    params = [torch.randn(s) * 0.02 for s in shapes]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.randn_like(p) * 1e-3
+    n = sum(p.numel() for p in params)
+    print(f"model {args.model}: {len(params)} tensors, {n / 1e6:.1f}M parameters; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+
+    makers = candidates(params, lr=1e-7)
+    if args.only:
+        keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
+        makers = {name: m for name, m in makers.items() if any(k in name.lower() for k in keys)}
+    opts = {name: make() for name, make in makers.items()}
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    mem: dict[str, list[float]] = {name: [] for name in opts}
+    first: dict[str, float] = {}
+    for r in range(args.rounds + 2):
+        for name, opt in opts.items():
+            gc.collect()
+            dt, extra = timed_step(opt)
+            if r == 0:
+                first[name] = dt
+            if r >= 2:
+                times[name].append(dt)
+                if extra is not None:
+                    mem[name].append(extra)
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ref_loop = med.get("torch.AdamW(for-loop)")
+    ref_fused = med.get("torch.AdamW(fused)")
+    ref_sgd = med.get("torch.SGD(for-loop)")
+    ref_sgd_fused = med.get("torch.SGD(fused)")
+    header = f"{'optimizer':26s} {'median ms':>10s} {'first ms':>9s} {'/AdamW loop':>11s} {'/AdamW fused':>12s}"
+    print(header + f" {'/SGD loop':>9s} {'/SGD fused':>10s} {'peak +MB':>9s}")
+    for name, t in med.items():
+        cols = [f"{t / ref:11.2f}" if ref else f"{'-':>11s}" for ref in (ref_loop, ref_fused)]
+        cols += [f"{t / ref:9.2f}" if ref else f"{'-':>9s}" for ref in (ref_sgd,)]
+        cols += [f"{t / ref:10.2f}" if ref else f"{'-':>10s}" for ref in (ref_sgd_fused,)]
+        peak = f"{max(mem[name]):9.0f}" if mem[name] else f"{'-':>9s}"
+        print(f"{name:26s} {t * 1e3:10.1f} {first[name] * 1e3:9.1f} {' '.join(cols)} {peak}")
+
+
+if __name__ == "__main__":
+    main()
