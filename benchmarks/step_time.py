@@ -118,8 +118,10 @@ def main() -> None:
         p.requires_grad_(True)
         p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in params)
-    print(f"model {args.model}: {len(params)} tensors, {n / 1e6:.1f}M parameters; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    print(
+        f"model {args.model}: {len(params)} tensors, {n / 1e6:.1f}M parameters; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus"
+    )
 
     makers = candidates(params, lr=1e-7)
     if args.only:

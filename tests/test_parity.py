@@ -107,9 +107,7 @@ def test_projection_is_really_taken():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    shapes=st.lists(
-        st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple), min_size=1, max_size=4
-    ),
+    shapes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple), min_size=1, max_size=4),
     name=st.sampled_from(["AdamP", "SGDP"]),
     lr=st.floats(1e-4, 1e-1),
     weight_decay=st.sampled_from([0.0, 1e-2, 0.3]),

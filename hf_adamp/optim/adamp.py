@@ -221,4 +221,3 @@ class AdamP(ProjectedOptimizer):
             torch.div(tmp, u, out=u)
         else:
             torch.div(m, u, out=u)
-

@@ -73,8 +73,7 @@ def split_piece(piece: Piece, spec: ParamSpec, stat_offset: int, max_elems: int)
     if spec.rows == 0:
         step = max(max_elems, 1)
         return [
-            Segment(piece.local_start + a, 1, min(step, piece.numel - a), -1, -1)
-            for a in range(0, piece.numel, step)
+            Segment(piece.local_start + a, 1, min(step, piece.numel - a), -1, -1) for a in range(0, piece.numel, step)
         ]
     K = spec.row_len
     out: list[Segment] = []
