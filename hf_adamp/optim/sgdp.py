@@ -148,7 +148,10 @@ class SGDP(ProjectedOptimizer):
             d_buf, tmp, g_buf, p_buf = self.scratch(dt, f_b.device, 4, seg.rows * seg.row_len)
             g = load_segment(seg_view(f_g, seg), g_buf, seg, upcast, group["maximize"])
             b = seg_view(f_b, seg)
-            b.mul_(s["momentum"]).add_(g, alpha=1 - s["dampening"])
+            if s["dampening"] == 0:
+                torch.add(g, b, alpha=s["momentum"], out=b)  # one pass instead of two
+            else:
+                b.mul_(s["momentum"]).add_(g, alpha=1 - s["dampening"])
             d = self._direction(d_buf, b, g, s, group["nesterov"], seg)
             p = load_segment(seg_view(f_p, seg), p_buf, seg, upcast, False)
             if seg.slot < 0:
