@@ -51,6 +51,7 @@ class Decision:
     coef: Tensor  # (rows,): u_r -= p_r * coef_r; zero where nothing is projected
     projected: Tensor  # (slots,) bool: the parameter's weight decay is scaled by wd_ratio
     kind: Tensor  # (slots,) int8: NONE, CHANNEL or LAYER
+    weight_norm: Tensor  # (slots,) |p| of the whole parameter before the step (global when reduced)
 
 
 def decide(
@@ -89,7 +90,7 @@ def decide(
     zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
     coef = torch.where(channel[owner], channel_coef, torch.where(layer[owner], layer_coef, zero))
     kind = channel.to(torch.int8) * CHANNEL + layer.to(torch.int8) * LAYER
-    return Decision(coef=coef, projected=channel | layer, kind=kind)
+    return Decision(coef=coef, projected=channel | layer, kind=kind, weight_norm=l_norm)
 
 
 def channel_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:

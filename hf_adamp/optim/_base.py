@@ -72,6 +72,16 @@ class Item:
     extra: dict[str, Tensor] = field(default_factory=dict)  # plain path: whole-tensor update
 
 
+@dataclass
+class StepRecord:
+    """What the last step decided, kept as device tensors: reading it is the only sync (telemetry)."""
+
+    keys: list[Any]  # per slot: the parameter, or its name under a sharding layout
+    kind: Tensor  # (slots,) projection.NONE / CHANNEL / LAYER
+    weight_norm: Tensor  # (slots,) |p| before the step, over the whole (unsharded) parameter
+    lr: Tensor  # (slots,) the learning rate of the parameter's group
+
+
 class ProjectedOptimizer(Optimizer):
     """Base of AdamP and SGDP: lazy state, the phased step, and the hooks sharding engines use."""
 
@@ -84,8 +94,7 @@ class ProjectedOptimizer(Optimizer):
         self._layout: Layout | None = None
         self._reducer: Reducer | None = None
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._last_kind: Tensor | None = None
-        self._last_keys: list[Any] = []
+        self.last_record: StepRecord | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups}
@@ -152,10 +161,10 @@ class ProjectedOptimizer(Optimizer):
             self._reducer(stats)
 
         if total_rows == 0:
-            self._last_kind, self._last_keys = None, []
+            self.last_record = None
             return loss
-        decision, decay = self._decide(stats, specs, slot_groups)
-        self._last_kind, self._last_keys = decision.kind, keys
+        decision, decay, lr = self._decide(stats, specs, slot_groups)
+        self.last_record = StepRecord(keys, decision.kind, decision.weight_norm, lr)
 
         coefs: dict[torch.dtype, Tensor] = {}
         for item in items:
@@ -226,16 +235,17 @@ class ProjectedOptimizer(Optimizer):
 
     def _decide(
         self, stats: Tensor, specs: list[ParamSpec], slot_groups: list[dict[str, Any] | None]
-    ) -> tuple[projection.Decision, Tensor]:
-        """Per-slot hyperparameters as tensors, then the batched decision and decay multipliers."""
+    ) -> tuple[projection.Decision, Tensor, Tensor]:
+        """Per-slot hyperparameters as tensors, then the batched decision, decay multipliers and lr."""
         dtype, device = stats.dtype, stats.device
-        row_len, numel, delta, eps, plain, projected = [], [], [], [], [], []
+        row_len, numel, delta, eps, plain, projected, lr = [], [], [], [], [], [], []
         for spec, group in zip(specs, slot_groups):
             group = group if group is not None else self.defaults  # slot with no local piece: unused
             row_len.append(float(max(spec.row_len, 1)))
             numel.append(float(max(spec.numel, 1)))
             delta.append(group["delta"])
             eps.append(group["eps"])
+            lr.append(group["lr"])
             d_plain, d_proj = self._decay_factors(group)
             plain.append(d_plain)
             projected.append(d_proj)
@@ -244,7 +254,7 @@ class ProjectedOptimizer(Optimizer):
         owner = torch.repeat_interleave(torch.arange(len(specs), device=device), counts, output_size=stats.shape[1])
         decision = projection.decide(stats, owner, as_t(row_len), as_t(numel), as_t(delta), as_t(eps))
         decay = torch.where(decision.projected, as_t(projected), as_t(plain))
-        return decision, decay
+        return decision, decay, as_t(lr)
 
     # ----- helpers for subclasses -----
     def scratch(self, dtype: torch.dtype, device: torch.device, count: int, elems: int) -> list[Tensor]:
@@ -264,10 +274,11 @@ class ProjectedOptimizer(Optimizer):
         Keys are the parameters themselves, or their names when a sharding layout is attached.
         Reading this syncs with the device; it is meant for tests and logging, not for every step.
         """
-        if self._last_kind is None:
+        record = self.last_record
+        if record is None:
             return {}
-        kinds = self._last_kind.tolist()
-        return {key: projection.DECISION_NAMES[k] for key, k in zip(self._last_keys, kinds)}
+        kinds = record.kind.tolist()
+        return {key: projection.DECISION_NAMES[k] for key, k in zip(record.keys, kinds)}
 
     # ----- state_dict: keep fp32 state for half-precision parameters -----
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
