@@ -154,6 +154,8 @@ class AdamP(ProjectedOptimizer):
 
     # ----- fast path: the same maths in cache-sized chunks, update recomputed in the second half -----
     def _first_fast(self, item: Item, stats: Tensor) -> None:
+        if _fusable(item):
+            return self._first_fused(item, stats)
         s, group = item.scalars, item.group
         f_p, f_g = flat(item.param), flat(item.grad)
         f_m, f_v = flat(item.state["exp_avg"]), flat(item.state["exp_avg_sq"])
@@ -176,17 +178,14 @@ class AdamP(ProjectedOptimizer):
                 if upcast:
                     seg_view(f_p, seg).copy_(p)
                 continue
-            out = stats[:, seg.stat_row : seg.stat_row + seg.rows]
-            torch.sum(torch.mul(g, p, out=tmp), dim=1, dtype=out.dtype, out=out[projection.GP])
-            torch.linalg.vector_norm(g, dim=1, dtype=out.dtype, out=out[projection.GG])
-            torch.linalg.vector_norm(p, dim=1, dtype=out.dtype, out=out[projection.PP])
-            torch.sum(torch.mul(p, u, out=tmp), dim=1, dtype=out.dtype, out=out[projection.PU])
-            out[projection.GG : projection.PP + 1].square_()
+            self._row_sums(stats, seg, g, p, u, tmp)
 
     def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
         s, group = item.scalars, item.group
         if all(seg.slot < 0 for seg in item.segments):
             return
+        if _fusable(item):
+            return self._second_fused(item, coef, decay)
         f_p, f_g = flat(item.param), flat(item.grad)
         f_m, f_v = flat(item.state["exp_avg"]), flat(item.state["exp_avg_sq"])
         dt = f_m.dtype
@@ -210,6 +209,65 @@ class AdamP(ProjectedOptimizer):
             if upcast:
                 seg_view(f_p, seg).copy_(p)
 
+    # ----- fused variant: torch's fused AdamW kernel applies the step -----
+    # AdamP's step is AdamW's step on a weight pre-scaled row by row:
+    #   p_new = decay * p - step_size * (u - coef * p) = (decay + step_size * coef) * p - step_size * u,
+    # so the first half computes the new moments only into scratch (for p.u), and the second half scales p
+    # and lets the fused kernel update the moments and the weight in one pass.
+    def _first_fused(self, item: Item, stats: Tensor) -> None:
+        s, group = item.scalars, item.group
+        f_p, f_g = flat(item.param), flat(item.grad)
+        f_m, f_v = flat(item.state["exp_avg"]), flat(item.state["exp_avg_sq"])
+        plain = [seg for seg in item.segments if seg.slot < 0]
+        if plain:  # never projected: AdamW, weight decay included
+            self._fused_step(item, ([seg_view(t, seg) for seg in plain] for t in (f_p, f_g, f_m, f_v)))
+        for seg in item.segments:
+            if seg.slot < 0:
+                continue
+            m_new, u, tmp, g_buf = self.scratch(f_m.dtype, f_m.device, 4, seg.rows * seg.row_len)
+            m_new, u, tmp = (t.view(seg.rows, seg.row_len) for t in (m_new, u, tmp))
+            g = load_segment(seg_view(f_g, seg), g_buf, seg, False, group["maximize"])
+            p = seg_view(f_p, seg)
+            torch.lerp(seg_view(f_m, seg), g, 1 - s["beta1"], out=m_new)
+            torch.mul(seg_view(f_v, seg), s["beta2"], out=u).addcmul_(g, g, value=1 - s["beta2"])
+            u.sqrt_().add_(s["eps"] * s["sqrt_bc2"])
+            torch.div(m_new, u, out=u)  # the update divided by sqrt_bc2
+            self._row_sums(stats, seg, g, p, u, tmp)
+
+    def _second_fused(self, item: Item, coef: Tensor, decay: Tensor) -> None:
+        s = item.scalars
+        f_p, f_g = flat(item.param), flat(item.grad)
+        f_m, f_v = flat(item.state["exp_avg"]), flat(item.state["exp_avg_sq"])
+        # coef is per unit of (update / sqrt_bc2), like the PU sums it came from
+        coef_scale = s["step_size"] * s["sqrt_bc2"]
+        for seg in item.segments:
+            if seg.slot < 0:
+                continue
+            rows = coef[seg.stat_row : seg.stat_row + seg.rows]
+            p = seg_view(f_p, seg)
+            p.mul_(torch.add(decay[seg.slot], rows, alpha=coef_scale)[:, None])
+            self._fused_step(item, ([seg_view(t, seg)] for t in (f_p, f_g, f_m, f_v)), weight_decay=0.0)
+
+    @staticmethod
+    def _fused_step(item: Item, tensors, weight_decay: float | None = None) -> None:
+        params, grads, exp_avgs, exp_avg_sqs = tensors
+        group, s = item.group, item.scalars
+        step = torch.tensor(float(item.state["step"]), dtype=torch.float32, device=item.param.device)
+        torch._fused_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params), amsgrad=False, lr=group["lr"],
+            beta1=s["beta1"], beta2=s["beta2"], eps=s["eps"], maximize=group["maximize"],
+            weight_decay=group["weight_decay"] if weight_decay is None else weight_decay,
+        )
+
+    @staticmethod
+    def _row_sums(stats: Tensor, seg, g: Tensor, p: Tensor, u: Tensor, tmp: Tensor) -> None:
+        out = stats[:, seg.stat_row : seg.stat_row + seg.rows]
+        torch.sum(torch.mul(g, p, out=tmp), dim=1, dtype=out.dtype, out=out[projection.GP])
+        torch.linalg.vector_norm(g, dim=1, dtype=out.dtype, out=out[projection.GG])
+        torch.linalg.vector_norm(p, dim=1, dtype=out.dtype, out=out[projection.PP])
+        torch.sum(torch.mul(p, u, out=tmp), dim=1, dtype=out.dtype, out=out[projection.PU])
+        out[projection.GG : projection.PP + 1].square_()
+
     @staticmethod
     def _direction(u: Tensor, tmp: Tensor, m: Tensor, v: Tensor, g: Tensor | None, s: dict, nesterov: bool) -> None:
         """u = Adam's update divided by sqrt(1 - beta2^t): m_hat / (sqrt(v) + eps * sqrt(1 - beta2^t))."""
@@ -221,3 +279,18 @@ class AdamP(ProjectedOptimizer):
             torch.div(tmp, u, out=u)
         else:
             torch.div(m, u, out=u)
+
+
+def _fusable(item: Item) -> bool:
+    """torch's fused AdamW can apply this tensor's step: same dtype for weight, gradient and state, no
+    Nesterov (the kernel has no Nesterov form), and a device the kernel supports."""
+    p = item.param
+    return (
+        not item.group["nesterov"]
+        and p.dtype == item.grad.dtype == item.state["exp_avg"].dtype
+        and p.device.type in _FUSED_DEVICES
+        and hasattr(torch, "_fused_adamw_")
+    )
+
+
+_FUSED_DEVICES = ("cpu", "cuda")
