@@ -1,7 +1,24 @@
 """hf-adamp: AdamP, SGDP and RAdam for transformers, accelerate and deepspeed."""
 
 from .optim import SGDP, AdamP, RAdam
+from .weight_norm import (
+    WeightNormArguments,
+    apply_weight_norm,
+    remove_weight_norm,
+    weight_norm_gain_names,
+    weight_norm_state_dict,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamP", "SGDP", "RAdam", "__version__"]
+__all__ = [
+    "AdamP",
+    "SGDP",
+    "RAdam",
+    "WeightNormArguments",
+    "__version__",
+    "apply_weight_norm",
+    "remove_weight_norm",
+    "weight_norm_gain_names",
+    "weight_norm_state_dict",
+]
