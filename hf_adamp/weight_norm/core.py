@@ -13,12 +13,14 @@ The names ``<module>.parametrizations.weight.original0/1`` are torch's in both l
 from __future__ import annotations
 
 import logging
+import os
 import re
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 Conv1DLayout = Literal["out_in", "in_out"]
 _GAIN = "parametrizations.weight.original0"
 _DIRECTION = "parametrizations.weight.original1"
+# Written next to the plain weights by save_pretrained: g and v as they are, for an exact resume.
+WEIGHT_NORM_STATE_NAME = "weight_norm_state.safetensors"
 
 
 class TransposedWeightNorm(nn.Module):
@@ -245,10 +249,42 @@ def _install_plain_save(model: nn.Module) -> None:
     model.save_pretrained = types.MethodType(_save_pretrained_plain, model)
 
 
-def _save_pretrained_plain(self: nn.Module, *args, state_dict: dict | None = None, **kwargs):
-    """``save_pretrained`` of a weight-normalised model: saves ``weight_norm_state_dict(self, state_dict)``."""
+def _save_pretrained_plain(self: nn.Module, save_directory, *args, state_dict: dict | None = None, **kwargs):
+    """``save_pretrained`` of a weight-normalised model: ``model.safetensors`` gets the folded, plain weights
+    (``weight_norm_state_dict``); ``weight_norm_state.safetensors`` keeps g and v for an exact resume."""
+    if state_dict is None:
+        state_dict = self.state_dict()
     plain = weight_norm_state_dict(self, state_dict)
-    return type(self).save_pretrained(self, *args, state_dict=plain, **kwargs)
+    result = type(self).save_pretrained(self, save_directory, *args, state_dict=plain, **kwargs)
+    if kwargs.get("is_main_process", True):
+        wn_keys = {_join(n, k) for n, _ in weight_normed_modules(self) for k in (_GAIN, _DIRECTION)}
+        wn_state = {k: _full(v).detach().cpu().contiguous() for k, v in state_dict.items() if k in wn_keys}
+        safetensors.torch.save_file(wn_state, os.path.join(save_directory, WEIGHT_NORM_STATE_NAME))
+    return result
+
+
+def load_weight_norm_state(model: nn.Module, checkpoint_dir: str | os.PathLike) -> bool:
+    """Restore g and v exactly from ``<checkpoint_dir>/weight_norm_state.safetensors`` into the wrapped
+    ``model`` (in place). Returns False when the file is absent.
+
+    Loading the plain ``weight`` alone gives the same weights but resets |v| to g and makes g positive,
+    which changes AdamP's effective step on v and breaks the optimizer state: Trainer resumes call this.
+    """
+    path = os.path.join(checkpoint_dir, WEIGHT_NORM_STATE_NAME)
+    if not os.path.isfile(path):
+        return False
+    saved = safetensors.torch.load_file(path)
+    params = dict(model.named_parameters())
+    wanted = {_join(n, k) for n, _ in weight_normed_modules(model) for k in (_GAIN, _DIRECTION)}
+    if set(saved) != wanted:
+        raise KeyError(
+            f"{path} does not match the model's weight norm: missing {sorted(wanted - set(saved))[:4]}, "
+            f"unexpected {sorted(set(saved) - wanted)[:4]}"
+        )
+    with torch.no_grad():
+        for key, tensor in saved.items():
+            params[key].copy_(tensor)
+    return True
 
 
 def remove_weight_norm(model: nn.Module) -> list[str]:

@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .core import WeightNormSummary, apply_weight_norm, weight_norm_gain_names
+from .core import (
+    WeightNormSummary,
+    apply_weight_norm,
+    load_weight_norm_state,
+    weight_norm_gain_names,
+    weight_normed_modules,
+)
 
 
 @dataclass
@@ -55,16 +61,24 @@ class WeightNormArguments:
         )
 
 
-_MARK = "_hf_adamp_excludes_weight_norm_gains"
+_MARK = "_hf_adamp_weight_norm_patch"
 
 
-def install_trainer_gain_filter() -> None:
-    """Make ``Trainer.get_decay_parameter_names`` leave out weight-norm gains (idempotent).
+def install_trainer_hooks() -> None:
+    """Patch ``Trainer`` once (idempotent) for weight-normalised models; others are unaffected.
 
-    Trainer's default filter (bias and norm names, LayerNorm modules) does not match ``...original0``,
-    so without this g would be decayed towards 0. Models without weight norm are unaffected.
+    - ``get_decay_parameter_names`` leaves out the gains g: Trainer's default filter (bias and norm
+      names, LayerNorm modules) does not match ``...original0``, so g would be decayed towards 0.
+    - ``_load_from_checkpoint`` (resume) restores g and v exactly from ``weight_norm_state.safetensors``
+      after loading the plain weights.
     """
     from transformers import Trainer
+
+    _patch_decay_names(Trainer)
+    _patch_resume(Trainer)
+
+
+def _patch_decay_names(Trainer: type) -> None:
 
     original = Trainer.get_decay_parameter_names
     if getattr(original, _MARK, False):
@@ -77,3 +91,19 @@ def install_trainer_gain_filter() -> None:
 
     setattr(get_decay_parameter_names, _MARK, True)
     Trainer.get_decay_parameter_names = get_decay_parameter_names
+
+
+def _patch_resume(Trainer: type) -> None:
+    original = getattr(Trainer, "_load_from_checkpoint", None)
+    if original is None or getattr(original, _MARK, False):  # a transformers without it: plain resume only
+        return
+
+    @functools.wraps(original)
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        original(self, resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if next(weight_normed_modules(target), None) is not None:
+            load_weight_norm_state(target, resume_from_checkpoint)
+
+    setattr(_load_from_checkpoint, _MARK, True)
+    Trainer._load_from_checkpoint = _load_from_checkpoint
