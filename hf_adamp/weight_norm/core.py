@@ -256,7 +256,7 @@ def _save_pretrained_plain(self: nn.Module, save_directory, *args, state_dict: d
         state_dict = self.state_dict()
     plain = weight_norm_state_dict(self, state_dict)
     result = type(self).save_pretrained(self, save_directory, *args, state_dict=plain, **kwargs)
-    if kwargs.get("is_main_process", True):
+    if args[0] if args else kwargs.get("is_main_process", True):  # save_pretrained(dir, is_main_process, ...)
         wn_keys = {_join(n, k) for n, _ in weight_normed_modules(self) for k in (_GAIN, _DIRECTION)}
         wn_state = {k: _full(v).detach().cpu().contiguous() for k, v in state_dict.items() if k in wn_keys}
         safetensors.torch.save_file(wn_state, os.path.join(save_directory, WEIGHT_NORM_STATE_NAME))
