@@ -2,6 +2,13 @@
 
 from .optim import SGDP, AdamP, RAdam
 from .telemetry import ProjectionLoggingCallback, add_projection_logging, projection_metrics, scale_invariant_metrics
+from .weight_norm import (
+    WeightNormArguments,
+    apply_weight_norm,
+    remove_weight_norm,
+    weight_norm_gain_names,
+    weight_norm_state_dict,
+)
 
 __version__ = "0.1.0"
 
@@ -13,5 +20,10 @@ __all__ = [
     "add_projection_logging",
     "projection_metrics",
     "scale_invariant_metrics",
+    "WeightNormArguments",
+    "apply_weight_norm",
+    "remove_weight_norm",
+    "weight_norm_gain_names",
+    "weight_norm_state_dict",
     "__version__",
 ]
