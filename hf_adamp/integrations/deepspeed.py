@@ -26,7 +26,7 @@ import torch
 from ..optim import RAdam
 from ..optim._base import ProjectedOptimizer
 from ._post_import import when_imported
-from .transformers import is_hf_adamp_optim
+from .transformers import OPTIMIZER_CLASSES, is_hf_adamp_optim
 
 _MARK = "_hf_adamp_"
 _HF_ADAMP_OPTIMIZERS = (ProjectedOptimizer, RAdam)
@@ -65,13 +65,14 @@ def check_trainer_deepspeed_config(optim: Any, ds_config: Mapping[str, Any]) -> 
     if not is_hf_adamp_optim(optim) or "optimizer" not in ds_config:
         return
     name = getattr(optim, "value", optim)
+    cls_name = OPTIMIZER_CLASSES[name].__name__
     section = ds_config["optimizer"]
     ds_type = section.get("type", "?") if isinstance(section, Mapping) else "?"
     raise DeepSpeedConfigError(
-        f'TrainingArguments(optim="{name}") asks for hf_adamp\'s {name}, but the DeepSpeed config has an '
-        f'"optimizer" section (type {ds_type!r}), and with it the Trainer hands DeepSpeed its own optimizer '
-        f'instead of {name}. Remove the "optimizer" section from the DeepSpeed config to train with {name}, '
-        f'or choose a built-in optim to use DeepSpeed\'s "{ds_type}".'
+        f'TrainingArguments(optim="{name}") asks for hf_adamp.{cls_name}, but the DeepSpeed config has an '
+        f'"optimizer" section (type {ds_type!r}), which makes the Trainer build DeepSpeed\'s optimizer instead. '
+        f'Remove the "optimizer" section from the DeepSpeed config to train with {cls_name}, or choose a '
+        f'built-in optim to train with DeepSpeed\'s "{ds_type}".'
     )
 
 
