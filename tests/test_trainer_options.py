@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import importlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -244,45 +245,91 @@ def test_builtin_names_still_work(tmp_path, name, optim_args, expected):
         assert optimizer.param_groups[0]["momentum"] == 0.9
 
 
-def _registration_snapshot() -> dict:
-    import accelerate.accelerator
-    import transformers.integrations.deepspeed as tr_ds
-    from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+REGISTRATION_SNAPSHOT = """
+import sys
+import accelerate.accelerator
+import transformers.integrations.deepspeed as tr_ds
+from transformers import Trainer
+from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+from transformers.training_args import OptimizerNames
 
+
+def registration_snapshot():
+    wrapped = (
+        Trainer.get_optimizer_cls_and_kwargs,
+        accelerate.accelerator.Accelerator._prepare_deepspeed,
+        tr_ds.deepspeed_optim_sched,
+    )
     return {
         "names": list(OptimizerNames._member_names_),
         "values": list(OptimizerNames._value2member_map_),
         "handlers": len(_OPTIMIZER_HANDLERS),
         "finders": sum(getattr(f, "_hf_adamp_post_import_finder_", False) for f in sys.meta_path),
-        "wrapped": [
-            getattr(fn.__wrapped__, "_hf_adamp_", False)
-            for fn in (
-                Trainer.get_optimizer_cls_and_kwargs,
-                accelerate.accelerator.Accelerator._prepare_deepspeed,
-                tr_ds.deepspeed_optim_sched,
-            )
-        ],
+        "ours": [getattr(fn, "_hf_adamp_", False) for fn in wrapped],
+        "two_layers": [getattr(fn.__wrapped__, "_hf_adamp_", False) for fn in wrapped],
     }
+"""
 
 
 def test_registration_is_idempotent(tmp_path):
-    before = _registration_snapshot()
-    assert before["wrapped"] == [False, False, False]  # exactly one layer of our wrappers
+    namespace: dict = {}
+    exec(REGISTRATION_SNAPSHOT, namespace)
+    snapshot = namespace["registration_snapshot"]
+    before = snapshot()
+    assert before["ours"] == [True, True, True] and before["two_layers"] == [False, False, False]
     assert before["finders"] <= 1
     assert [n for n in before["names"] if n in ("ADAMP", "SGDP", "RADAM")] == ["ADAMP", "SGDP", "RADAM"]
+
+    import accelerate.accelerator
+    import transformers.integrations.deepspeed as tr_ds
+    import transformers.trainer
+    import transformers.trainer_optimizer
+    import transformers.training_args
 
     importlib.import_module("hf_adamp")
     hf_adamp.integrations.install()
     hf_adamp.integrations.install()
-    reloaded = importlib.reload(importlib.import_module("hf_adamp.integrations.transformers"))
-    reloaded.install()
-    importlib.reload(importlib.import_module("hf_adamp.integrations.deepspeed")).install()
+    hf_tr.register_optimizer_names(transformers.training_args)
+    hf_tr.register_handlers(transformers.trainer_optimizer)
+    hf_tr.register_trainer(transformers.trainer)
+    hf_adamp.integrations.deepspeed.patch_accelerator(accelerate.accelerator)
+    hf_adamp.integrations.deepspeed.patch_transformers_deepspeed(tr_ds)
 
-    assert _registration_snapshot() == before
+    assert snapshot() == before
     args = make_args(tmp_path, optim="adamp", optim_args="delta=0.25")
     assert Trainer(model=tiny_model(), args=args).create_optimizer().param_groups[0]["delta"] == 0.25
     for value in BUILTIN_VALUES:
         assert OptimizerNames(value).value == value
+
+
+def test_reloaded_package_registers_once(tmp_path):
+    """A second copy of the integration modules (reload) replaces our wrappers instead of stacking them."""
+    script = REGISTRATION_SNAPSHOT + textwrap.dedent(
+        """
+        import importlib
+        import hf_adamp
+        before = registration_snapshot()
+        for name in ("hf_adamp.integrations.transformers", "hf_adamp.integrations.deepspeed"):
+            importlib.reload(importlib.import_module(name)).install()
+        importlib.reload(importlib.import_module("hf_adamp.integrations")).install()
+        after = registration_snapshot()
+        assert after == before, (before, after)
+        assert before["ours"] == [True, True, True] and before["two_layers"] == [False, False, False], before
+        from transformers import TrainingArguments
+        args = TrainingArguments("out", optim="sgdp", optim_args="momentum=0.5", use_cpu=True, report_to=[])
+        print(Trainer.get_optimizer_cls_and_kwargs(args))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "hf_adamp.optim.sgdp.SGDP" in out.stdout and "'momentum': 0.5" in out.stdout
 
 
 def test_enum_members_behave_like_builtin_ones():
