@@ -72,10 +72,14 @@ def install_trainer_hooks() -> None:
     - ``_load_from_checkpoint`` (resume) restores g and v exactly from ``weight_norm_state.safetensors``
       after loading the plain weights.
     """
-    from transformers import Trainer
+    from ..integrations._post_import import when_imported
 
-    _patch_decay_names(Trainer)
-    _patch_resume(Trainer)
+    def patch(trainer_module) -> None:
+        _patch_decay_names(trainer_module.Trainer)
+        _patch_resume(trainer_module.Trainer)
+
+    # on first import of transformers.trainer (importing it here would cost seconds at `import hf_adamp`)
+    when_imported("transformers.trainer", "hf_adamp.weight_norm", patch)
 
 
 def _patch_decay_names(Trainer: type) -> None:
