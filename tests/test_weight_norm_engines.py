@@ -195,6 +195,9 @@ def test_fsdp2_two_ranks_forward_training_and_export(tmp_path) -> None:
 
 _ZERO_INIT = """
 import os, torch, deepspeed, hf_adamp, transformers as T
+# import the model class (and, through it, torch._dynamo) before zero.Init patches tensor creation:
+# torch._dynamo fails to import under that patch, with or without hf_adamp
+T.LlamaForCausalLM
 config = {"train_batch_size": 1, "zero_optimization": {"stage": 3}}
 with deepspeed.zero.Init(config_dict_or_path=config):
     model = T.LlamaForCausalLM(T.LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=24,
