@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight_decay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight_norm", action="store_true", help="weight-normalise the Transformer projections")
     args = ap.parse_args()
 
     train_lines, valid_lines = read_lines(args)
@@ -93,6 +94,9 @@ def main() -> None:
     }.items():
         model = GPT2LMHeadModel(config)
         model.load_state_dict(init)
+        if args.weight_norm:
+            hf_adamp.apply_weight_norm(model)
+        norm_before = hf_adamp.scale_invariant_metrics(model, args.lr).get("scale_invariant/weight_norm")
         opt = make(model.parameters())
         start = time.perf_counter()
         for step in range(args.steps):
@@ -110,6 +114,9 @@ def main() -> None:
             f"{name}: validation loss {valid_loss:.3f}, perplexity {math.exp(valid_loss):.1f} "
             f"({time.perf_counter() - start:.0f} s)"
         )
+        if norm_before is not None:
+            norm_after = hf_adamp.scale_invariant_metrics(model, args.lr)["scale_invariant/weight_norm"]
+            print(f"{name}: norm of the weight-normalised directions {norm_before:.2f} -> {norm_after:.2f}")
     print("final validation loss: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
 
 
