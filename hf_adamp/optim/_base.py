@@ -15,7 +15,8 @@ whole tensors and documents the maths, and a fast one that works in cache-sized 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +81,9 @@ class ProjectedOptimizer(Optimizer):
 
     # ----- runtime attributes (not part of state_dict, rebuilt after unpickling) -----
     def _init_runtime(self) -> None:
-        self._layout: Layout | None = None
+        self._layouts: list[Layout] = []
         self._reducer: Reducer | None = None
+        self._record_given()
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._last_kind: Tensor | None = None
         self._last_keys: list[Any] = []
@@ -96,10 +98,72 @@ class ProjectedOptimizer(Optimizer):
             group.setdefault("foreach", None)
         self._init_runtime()
 
-    def attach_layout(self, layout: Layout | None, reducer: Reducer | None = None) -> None:
-        """Tell the optimizer where parameter rows lie in the tensors it is handed (sharding engines)."""
-        self._layout, self._reducer = layout, reducer
+    def attach_layout(self, layout: Layout | Sequence[Layout] | None, reducer: Reducer | None = None) -> None:
+        """Tell the optimizer where parameter rows lie in the tensors it is handed (sharding engines).
+
+        Engines that call ``step()`` once per group with ``param_groups`` narrowed to that group (DeepSpeed
+        ZeRO) pass one layout per group: each step uses the layout holding its tensors, so its statistics
+        buffer (and the one collective) is sized by that group's parameters only.
+        """
+        if layout is None:
+            self._layouts = []
+        else:
+            self._layouts = [layout] if isinstance(layout, Layout) else list(layout)
+        self._reducer = reducer
         self._scratch.clear()
+
+    @property
+    def _layout(self) -> Layout | None:
+        """The single attached layout, if exactly one is attached."""
+        return self._layouts[0] if len(self._layouts) == 1 else None
+
+    def _active_layout(self) -> Layout | None:
+        """The layout holding the tensors of this step (the first tensor with a gradient decides)."""
+        if len(self._layouts) <= 1:
+            return self._layout
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    for layout in self._layouts:
+                        if layout.holds(p):
+                            return layout
+                    return self._layouts[0]  # _collect raises: the tensor is in no layout
+        return None
+
+    # ----- which tensors the user gave, so tensors an engine swapped in are recognised -----
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._record_given()
+
+    def _record_given(self) -> None:
+        given = self.__dict__.setdefault("_given", {})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in given:
+                    given[id(p)] = weakref.ref(p)
+        multi = any(p.dim() > 1 for g in self.param_groups for p in g["params"])
+        self.__dict__["_given_multi_dim"] = multi or self.__dict__.get("_given_multi_dim", False)
+
+    def _was_given(self, p: Tensor) -> bool:
+        ref = self._given.get(id(p))
+        return ref is not None and ref() is p
+
+    def _check_unsharded(self, p: Tensor) -> None:
+        """Refuse a tensor that a sharding engine put in place of the user's parameters, when no layout maps
+        it: treating a flat partition or a local shard as a parameter would silently turn off the projection
+        (AdamP would act as AdamW)."""
+        if self._was_given(p):
+            return
+        is_dtensor = type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+        if is_dtensor or (p.dim() <= 1 and self._given_multi_dim):
+            kind = "a DTensor (FSDP2)" if is_dtensor else f"a flat tensor of shape {tuple(p.shape)}"
+            raise RuntimeError(
+                f"{type(self).__name__}: step() was handed {kind} that is not one of the parameters the optimizer "
+                "was built with, and no sharding layout maps it to parameter rows. A sharding engine (DeepSpeed "
+                "ZeRO, FSDP) has replaced the parameters; without a layout the projection would be skipped and "
+                "the optimizer would silently act as AdamW. Call hf_adamp.sharding.attach(engine, optimizer) "
+                "after the engine is set up (see hf_adamp.sharding)."
+            )
 
     # ----- what subclasses provide -----
     def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
@@ -133,11 +197,11 @@ class ProjectedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        items, specs, slot_groups, keys = self._collect()
+        layout = self._active_layout()
+        items, specs, slot_groups, keys = self._collect(layout)
         if not items:
             return loss
 
-        layout = self._layout
         total_rows = layout.total_rows if layout is not None else sum(s.rows for s in specs)
         stats_dtype = torch.float64 if any(state_dtype(it.param) == torch.float64 for it in items) else torch.float32
         device = items[0].param.device
@@ -168,9 +232,10 @@ class ProjectedOptimizer(Optimizer):
     def _fast(item: Item) -> bool:
         return item.group.get("foreach") is not False
 
-    def _collect(self) -> tuple[list[Item], list[ParamSpec], list[dict[str, Any] | None], list[Any]]:
+    def _collect(
+        self, layout: Layout | None
+    ) -> tuple[list[Item], list[ParamSpec], list[dict[str, Any] | None], list[Any]]:
         """Tensors with gradients, their segments, and the table of parameter slots."""
-        layout = self._layout
         items: list[Item] = []
         specs: list[ParamSpec] = [] if layout is None else layout.params
         slot_groups: list[dict[str, Any] | None] = [None] * len(specs)
@@ -197,6 +262,7 @@ class ProjectedOptimizer(Optimizer):
                         if seg.slot >= 0 and slot_groups[seg.slot] is None:
                             slot_groups[seg.slot] = group
                 else:
+                    self._check_unsharded(p)
                     if p.dim() > 1 and p.numel() > 0:
                         spec = ParamSpec(tuple(p.shape))
                         slot = len(specs)
