@@ -118,17 +118,15 @@ class ProjectedOptimizer(Optimizer):
         return self._layouts[0] if len(self._layouts) == 1 else None
 
     def _active_layout(self) -> Layout | None:
-        """The layout holding the tensors of this step (the first tensor with a gradient decides)."""
+        """The layout holding the tensors of this step (the first tensor any layout holds decides)."""
         if len(self._layouts) <= 1:
             return self._layout
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    for layout in self._layouts:
-                        if layout.holds(p):
-                            return layout
-                    return self._layouts[0]  # _collect raises: the tensor is in no layout
-        return None
+                for layout in self._layouts:
+                    if layout.holds(p):
+                        return layout
+        return self._layouts[0]  # _collect raises if a tensor with a gradient is in no layout
 
     # ----- which tensors the user gave, so tensors an engine swapped in are recognised -----
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -199,22 +197,27 @@ class ProjectedOptimizer(Optimizer):
 
         layout = self._active_layout()
         items, specs, slot_groups, keys = self._collect(layout)
-        if not items:
+        # A sharded rank joins the collective even when none of its tensors has a gradient (an empty
+        # shard), else the other ranks would wait for it forever.
+        sharded = layout is not None and self._reducer is not None
+        if not items and not sharded:
             return loss
 
+        # dtype and device from all tensors, not only those with gradients, so every rank agrees
+        tensors = [p for group in self.param_groups for p in group["params"]]
         total_rows = layout.total_rows if layout is not None else sum(s.rows for s in specs)
-        stats_dtype = torch.float64 if any(state_dtype(it.param) == torch.float64 for it in items) else torch.float32
-        device = items[0].param.device
+        stats_dtype = torch.float64 if any(state_dtype(p) == torch.float64 for p in tensors) else torch.float32
+        device = tensors[0].device if tensors else torch.device("cpu")
         stats = torch.zeros((projection.NUM_STATS, total_rows), dtype=stats_dtype, device=device)
 
         for item in items:
             self._prepare(item)
             (self._first_fast if self._fast(item) else self._first_plain)(item, stats)
 
-        if self._reducer is not None:
+        if sharded:
             self._reducer(stats)
 
-        if total_rows == 0:
+        if total_rows == 0 or not items:
             self._last_kind, self._last_keys = None, []
             return loss
         decision, decay = self._decide(stats, specs, slot_groups)
