@@ -85,8 +85,8 @@ class ProjectedOptimizer(Optimizer):
         self._reducer: Reducer | None = None
         self._record_given()
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._last_kind: Tensor | None = None
-        self._last_keys: list[Any] = []
+        # last decisions per layout (None: unsharded), so engines that step group by group report them all
+        self._last: dict[int | None, tuple[Tensor, list[Any]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups}
@@ -218,10 +218,10 @@ class ProjectedOptimizer(Optimizer):
             self._reducer(stats)
 
         if total_rows == 0 or not items:
-            self._last_kind, self._last_keys = None, []
+            self._last.pop(id(layout) if layout is not None else None, None)
             return loss
         decision, decay = self._decide(stats, specs, slot_groups)
-        self._last_kind, self._last_keys = decision.kind, keys
+        self._last[id(layout) if layout is not None else None] = (decision.kind, keys)
 
         coefs: dict[torch.dtype, Tensor] = {}
         for item in items:
@@ -298,8 +298,10 @@ class ProjectedOptimizer(Optimizer):
         """Per-slot hyperparameters as tensors, then the batched decision and decay multipliers."""
         dtype, device = stats.dtype, stats.device
         row_len, numel, delta, eps, plain, projected = [], [], [], [], [], []
+        # a slot with no local piece is not applied here; give it this step's group so ranks report alike
+        fallback = next((g for g in slot_groups if g is not None), self.defaults)
         for spec, group in zip(specs, slot_groups):
-            group = group if group is not None else self.defaults  # slot with no local piece: unused
+            group = group if group is not None else fallback
             row_len.append(float(max(spec.row_len, 1)))
             numel.append(float(max(spec.numel, 1)))
             delta.append(group["delta"])
@@ -332,10 +334,10 @@ class ProjectedOptimizer(Optimizer):
         Keys are the parameters themselves, or their names when a sharding layout is attached.
         Reading this syncs with the device; it is meant for tests and logging, not for every step.
         """
-        if self._last_kind is None:
-            return {}
-        kinds = self._last_kind.tolist()
-        return {key: projection.DECISION_NAMES[k] for key, k in zip(self._last_keys, kinds)}
+        out: dict[Any, str] = {}
+        for kind, keys in self._last.values():
+            out.update({key: projection.DECISION_NAMES[k] for key, k in zip(keys, kind.tolist())})
+        return out
 
     # ----- state_dict: keep fp32 state for half-precision parameters -----
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
