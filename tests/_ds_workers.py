@@ -1,0 +1,80 @@
+"""DeepSpeed ranks for tests/test_sharding_deepspeed.py (spawned; must be importable by reference)."""
+
+from __future__ import annotations
+
+import adamp
+import torch
+from _sharding_models import LR, MICRO, STEPS, batch, make_model, param_groups
+from torch.nn import functional as F
+
+import hf_adamp
+import hf_adamp.sharding
+
+
+def zero_config(stage: int, round_robin: bool = False, sub_group_size: int | None = None) -> dict:
+    zero: dict = {"stage": stage}
+    if stage in (1, 2):
+        zero["round_robin_gradients"] = round_robin
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+        if sub_group_size:
+            zero["sub_group_size"] = sub_group_size
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0: not what the reference does
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def full_params(engine, stage: int) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.named_parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+    return {n: p.detach().clone() for n, p in params}
+
+
+def train(rank: int, world: int, stage: int, opt: str, round_robin: bool = False, sub_group_size=None, attach=True):
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    model = make_model()
+    if opt == "ours":
+        optimizer = hf_adamp.AdamP(param_groups(model), lr=LR)
+    else:
+        optimizer = adamp.AdamP(param_groups(model), lr=LR)
+    cfg = zero_config(stage, round_robin, sub_group_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    layouts = hf_adamp.sharding.attach(engine, optimizer) if (attach and opt == "ours") else []
+    decisions: dict[str, set[str]] = {}
+    for step in range(STEPS):
+        x, y = batch(step, world)
+        x, y = x[rank * MICRO : (rank + 1) * MICRO], y[rank * MICRO : (rank + 1) * MICRO]
+        loss = F.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        if opt == "ours":
+            for name, kind in optimizer.projection_decisions().items():
+                decisions.setdefault(name, set()).add(kind)
+    return dict(
+        params=full_params(engine, stage),
+        decisions=decisions,
+        n_layouts=len(layouts),
+        total_rows=[lay.total_rows for lay in layouts],
+    )
+
+
+def run_all(rank: int, world: int, configs: dict[str, dict]) -> dict[str, dict]:
+    """Several runs in the same ranks: DeepSpeed's first initialize costs ~8 s (op loading), later ones ~0."""
+    out = {}
+    for key, kw in configs.items():
+        try:
+            out[key] = train(rank, world, **kw)
+        except RuntimeError as e:
+            out[key] = dict(error=str(e))
+    return out

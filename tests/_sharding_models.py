@@ -1,0 +1,71 @@
+"""A small model whose weights exercise all three AdamP outcomes, its data, and the single-process reference.
+
+- ``fc1`` (rows normalised in forward): every row is scale-invariant -> "channel";
+- ``fc2`` followed by a LayerNorm without affine: the whole weight is scale-invariant -> "layer";
+- ``fc3``: plain -> "none".
+Shapes are odd on purpose, so partitions cut parameters inside rows.
+"""
+
+from __future__ import annotations
+
+import adamp
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+STEPS = 12
+MICRO = 4  # samples per rank and step
+LR = 0.05
+WD = 0.1
+
+
+class RowNormLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = RowNormLinear(11, 19)
+        self.fc2 = nn.Linear(19, 13, bias=False)
+        self.ln = nn.LayerNorm(13, elementwise_affine=False)
+        self.fc3 = nn.Linear(13, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.ln(self.fc2(torch.tanh(self.fc1(x))))))
+
+
+def make_model() -> Net:
+    torch.manual_seed(1234)
+    return Net()
+
+
+def batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(world * MICRO, 11, generator=gen), torch.randn(world * MICRO, 5, generator=gen)
+
+
+def param_groups(model: nn.Module, weight_decay: float = WD) -> list[dict]:
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def reference_run(world: int, steps: int = STEPS, opt: str = "adamp") -> dict[str, torch.Tensor]:
+    """Single process, full batch (mean loss), the reference optimizer."""
+    model = make_model()
+    if opt == "adamp":
+        ref = adamp.AdamP(param_groups(model), lr=LR)
+    else:
+        ref = adamp.SGDP(param_groups(model), lr=LR, momentum=0.9)
+    for step in range(steps):
+        x, y = batch(step, world)
+        ref.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        ref.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_rel_err(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {n: ((got[n] - w).abs().max() / w.abs().max()).item() for n, w in want.items()}
