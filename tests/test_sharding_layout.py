@@ -8,6 +8,7 @@ a real all_reduce in miniature. The result must equal single-process ``adamp.Ada
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import adamp
@@ -167,10 +168,10 @@ def test_sharded_equals_single_process(opt: str, cuts: str, monkeypatch: pytest.
         locals_r = [shards_by_group[g][r][0] for g in (0, 1)]
         o = make(False, [dict(params=[locals_r[g]], **hyper[g]) for g in (0, 1)])
         layouts = []
-        for g in (0, 1):
-            specs = [ParamSpec(tuple(full[j].shape), names[j]) for j in range(len(full))]
-            # every parameter listed (the buffer covers all), pieces only from this group
-            layouts.append(Layout(specs, {id(locals_r[g]): shards_by_group[g][r][1]}))
+        for g in (0, 1):  # one layout per group, listing every parameter of the group (DeepSpeed's way)
+            specs = [ParamSpec(tuple(full[j].shape), names[j]) for j in group_idx[g]]
+            pieces = [dataclasses.replace(pc, param=group_idx[g].index(pc.param)) for pc in shards_by_group[g][r][1]]
+            layouts.append(Layout(specs, {id(locals_r[g]): pieces}))
         o.attach_layout(layouts, reducer.for_rank(r))
         opts.append(o)
     padding_before = [[s[0].clone() for s in shards] for shards in shards_by_group]
