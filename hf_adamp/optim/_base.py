@@ -16,7 +16,7 @@ whole tensors and documents the maths, and a fast one that works in cache-sized 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,17 +150,15 @@ class ProjectedOptimizer(Optimizer):
         """Refuse a tensor that a sharding engine put in place of the user's parameters, when no layout maps
         it: treating a flat partition or a local shard as a parameter would silently turn off the projection
         (AdamP would act as AdamW)."""
-        if self._was_given(p):
-            return
-        is_dtensor = type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
-        if is_dtensor or (p.dim() <= 1 and self._given_multi_dim):
-            kind = "a DTensor (FSDP2)" if is_dtensor else f"a flat tensor of shape {tuple(p.shape)}"
+        dtensor = is_dtensor(p)
+        if dtensor or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
+            kind = "a DTensor (FSDP2 shard)" if dtensor else f"a flat tensor of shape {tuple(p.shape)}"
             raise RuntimeError(
-                f"{type(self).__name__}: step() was handed {kind} that is not one of the parameters the optimizer "
-                "was built with, and no sharding layout maps it to parameter rows. A sharding engine (DeepSpeed "
-                "ZeRO, FSDP) has replaced the parameters; without a layout the projection would be skipped and "
-                "the optimizer would silently act as AdamW. Call hf_adamp.sharding.attach(engine, optimizer) "
-                "after the engine is set up (see hf_adamp.sharding)."
+                f"{type(self).__name__}: step() was handed {kind} that no sharding layout maps to parameter rows. "
+                "A sharding engine (DeepSpeed ZeRO, FSDP) has replaced or sharded the parameters; without a "
+                "layout the projection would be skipped and the optimizer would silently act as AdamW. Call "
+                "hf_adamp.sharding.attach(engine_or_model, optimizer) after the engine is set up "
+                "(see hf_adamp.sharding)."
             )
 
     # ----- what subclasses provide -----
@@ -249,9 +247,11 @@ class ProjectedOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 self._check_tensor(p)
+                if layout is None:
+                    self._check_unsharded(p)
                 state = self.state[p]
                 if not state:
-                    self._init_state(p, state)
+                    self._init_state(p, state)  # a DTensor's state is DTensors too (checkpointable)
                 chunk = CHUNK_ELEMS if group.get("foreach") is not False else _WHOLE
                 if layout is not None:
                     if not layout.holds(p):
@@ -265,7 +265,6 @@ class ProjectedOptimizer(Optimizer):
                         if seg.slot >= 0 and slot_groups[seg.slot] is None:
                             slot_groups[seg.slot] = group
                 else:
-                    self._check_unsharded(p)
                     if p.dim() > 1 and p.numel() > 0:
                         spec = ParamSpec(tuple(p.shape))
                         slot = len(specs)
@@ -278,6 +277,8 @@ class ProjectedOptimizer(Optimizer):
                         spec = ParamSpec((p.numel(),))
                         segments = split_piece(Piece(-1, 0, 0, p.numel()), spec, 0, chunk)
                 grad = p.grad
+                if is_dtensor(p):  # FSDP2: the step works on this rank's shard (its layout says which rows)
+                    p, grad, state = p.to_local(), grad.to_local(), LocalState(state)
                 if grad.stride() != p.stride():
                     grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
                 items.append(Item(p, grad, state, group, segments))
@@ -360,6 +361,34 @@ class ProjectedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+
+
+class LocalState(MutableMapping):
+    """A parameter's state seen through its local shards: DTensor entries read as ``to_local()`` views
+    (in-place updates reach the DTensor), writes go to the real state."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._state[key]
+        return value.to_local() if isinstance(value, Tensor) and is_dtensor(value) else value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[key]
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
 
 
 def flat(t: Tensor) -> Tensor:
