@@ -2,7 +2,8 @@
 
 - ``fc1`` (rows normalised in forward): every row is scale-invariant -> "channel";
 - ``fc2`` followed by a LayerNorm without affine: the whole weight is scale-invariant -> "layer";
-- ``fc3``: plain -> "none".
+- ``fc3``: plain -> "none";
+- ``gate``: one output row, so on 2 ranks FSDP2 gives one rank an empty shard.
 Shapes are odd on purpose, so partitions cut parameters inside rows.
 """
 
@@ -31,9 +32,11 @@ class Net(nn.Module):
         self.fc2 = nn.Linear(19, 13, bias=False)
         self.ln = nn.LayerNorm(13, elementwise_affine=False)
         self.fc3 = nn.Linear(13, 5)
+        self.gate = nn.Linear(13, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.relu(self.ln(self.fc2(torch.tanh(self.fc1(x))))))
+        h = F.relu(self.ln(self.fc2(torch.tanh(self.fc1(x)))))
+        return self.fc3(h) + self.gate(h)
 
 
 def make_model() -> Net:

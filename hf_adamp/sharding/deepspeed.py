@@ -45,9 +45,7 @@ def zero12_layouts(zero_opt: Any, names: dict[int, str]) -> list[Layout]:
         size = int(zero_opt.partition_size[i])
         if partition.numel() != size:
             raise RuntimeError(f"hf_adamp: ZeRO partition {i} has {partition.numel()} elements, expected {size}")
-        pieces = flat_pieces(
-            list(zero_opt.round_robin_bit16_offsets[i]), [s.numel for s in specs], rank * size, size
-        )
+        pieces = flat_pieces(list(zero_opt.round_robin_bit16_offsets[i]), [s.numel for s in specs], rank * size, size)
         layouts.append(Layout(specs, {id(partition): pieces}))
     return layouts
 
