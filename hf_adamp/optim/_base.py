@@ -146,6 +146,14 @@ class ProjectedOptimizer(Optimizer):
         ref = self._given.get(id(p))
         return ref is not None and ref() is p
 
+    def _engine_replaced_tensors(self) -> bool:
+        """Whether a sharding engine put tensors of its own (flat partitions, DTensors) in param_groups."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_dtensor(p) or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
+                    return True
+        return False
+
     def _check_unsharded(self, p: Tensor) -> None:
         """Refuse a tensor that a sharding engine put in place of the user's parameters, when no layout maps
         it: treating a flat partition or a local shard as a parameter would silently turn off the projection
@@ -194,6 +202,11 @@ class ProjectedOptimizer(Optimizer):
                 loss = closure()
 
         layout = self._active_layout()
+        if layout is None and self._engine_replaced_tensors():
+            from ..sharding.auto import auto_attach  # deferred: sharding imports this module
+
+            if auto_attach(self):
+                layout = self._active_layout()
         items, specs, slot_groups, keys = self._collect(layout)
         # A sharded rank joins the collective even when none of its tensors has a gradient (an empty
         # shard), else the other ranks would wait for it forever.
