@@ -61,6 +61,8 @@ def train(rank: int, world: int, stage: int, opt: str, round_robin: bool = False
         if opt == "ours":
             for name, kind in optimizer.projection_decisions().items():
                 decisions.setdefault(name, set()).add(kind)
+    if not attach and opt == "ours":  # attached automatically on the first step
+        layouts = optimizer._layouts
     return dict(
         params=full_params(engine, stage),
         decisions=decisions,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import adamp
 import torch.distributed as dist
-from _sharding_models import LR, MICRO, STEPS, batch, make_model, param_groups
+from _sharding_models import LR, MICRO, STEPS, batch, make_model, param_groups, param_groups_names
 from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
 
@@ -24,6 +24,8 @@ def train(rank: int, world: int, opt: str, attach: bool = True) -> dict:
     else:
         optimizer = adamp.AdamP(param_groups(model), lr=LR)
     decisions: dict[str, set[str]] = {}
+    # attached automatically, the layout has no model at hand: keys are param0, param1... in group order
+    by_position = {f"param{j}": n for j, n in enumerate(n for g in param_groups_names(model) for n in g)}
     local_rows = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
     for step in range(STEPS):
         x, y = batch(step, world)
@@ -33,7 +35,7 @@ def train(rank: int, world: int, opt: str, attach: bool = True) -> dict:
         optimizer.step()
         if opt == "ours":
             for name, kind in optimizer.projection_decisions().items():
-                decisions.setdefault(name, set()).add(kind)
+                decisions.setdefault(by_position.get(name, name), set()).add(kind)
     params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return dict(params=params, decisions=decisions, local_rows=local_rows)
 

@@ -49,9 +49,14 @@ def batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(world * MICRO, 11, generator=gen), torch.randn(world * MICRO, 5, generator=gen)
 
 
+def param_groups_names(model: nn.Module) -> list[list[str]]:
+    names = [n for n, _ in model.named_parameters()]
+    return [[n for n in names if n.endswith("weight")], [n for n in names if not n.endswith("weight")]]
+
+
 def param_groups(model: nn.Module, weight_decay: float = WD) -> list[dict]:
-    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
-    no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[n] for n in names] for names in param_groups_names(model))
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 

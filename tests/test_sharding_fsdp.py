@@ -1,5 +1,5 @@
 """AdamP under FSDP2 (fully_shard, DTensor Shard(0), uneven and empty shards) on 2 gloo ranks equals
-single-process adamp.AdamP; the reference crashes on DTensors and ours without a layout raises."""
+single-process adamp.AdamP, with attach() or attached automatically; the reference crashes on DTensors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ TOL = 1e-6  # fp32
 CONFIGS = {
     "ours": dict(opt="ours"),
     "reference": dict(opt="reference"),
-    "ours-unattached": dict(opt="ours", attach=False),
+    "ours-auto": dict(opt="ours", attach=False),
 }
 
 
@@ -24,29 +24,26 @@ def runs(tmp_path_factory):
     return run_ranks(run_all, WORLD, tmp_path_factory.mktemp("fsdp"), CONFIGS, timeout=240)
 
 
-def test_fsdp2_equals_single_process(runs) -> None:
+@pytest.mark.parametrize("key", ["ours", "ours-auto"])
+def test_fsdp2_equals_single_process(runs, key) -> None:
     reference = reference_run(WORLD)
     for rank_runs in runs:
-        res = rank_runs["ours"]
+        res = rank_runs[key]
         assert "error" not in res, res
         errs = max_rel_err(res["params"], reference)
         assert max(errs.values()) < TOL, errs
     print(f"FSDP2: max rel err {max(errs.values()):.2e} over {len(errs)} tensors")
     # uneven shards (19 rows: 10 + 9) and an empty one (1 row: 1 + 0)
-    assert [r["ours"]["local_rows"]["fc1.weight"] for r in runs] == [10, 9]
-    assert [r["ours"]["local_rows"]["gate.weight"] for r in runs] == [1, 0]
+    assert [r[key]["local_rows"]["fc1.weight"] for r in runs] == [10, 9]
+    assert [r[key]["local_rows"]["gate.weight"] for r in runs] == [1, 0]
     for rank_runs in runs:  # every rank takes the same decisions, including the one holding no gate row
-        decisions = rank_runs["ours"]["decisions"]
-        assert decisions == runs[0]["ours"]["decisions"]
+        decisions = rank_runs[key]["decisions"]
+        assert decisions == runs[0][key]["decisions"]
         assert "channel" in decisions["fc1.weight"], decisions
         assert "layer" in decisions["fc2.weight"], decisions
         assert "none" in decisions["fc3.weight"], decisions
+        assert "fc1.bias" not in decisions
 
 
 def test_reference_crashes_on_dtensors(runs) -> None:
     assert "error" in runs[0]["reference"], "adamp.AdamP unexpectedly ran on FSDP2 DTensors"
-
-
-def test_unattached_raises_instead_of_adamw(runs) -> None:
-    for rank_runs in runs:
-        assert "no sharding layout maps" in rank_runs["ours-unattached"].get("error", ""), rank_runs

@@ -41,7 +41,10 @@ def zero12_layouts(zero_opt: Any, names: dict[int, str]) -> list[Layout]:
         params = zero_opt.round_robin_bit16_groups[i]
         # shapes from the meta copies: param.data may be swapped out by state offloading
         metas = getattr(zero_opt, "round_robin_bit16_meta", [params] * (i + 1))[i]
-        specs = [ParamSpec(tuple(m.shape), names.get(id(p), "")) for p, m in zip(params, metas, strict=True)]
+        specs = [
+            ParamSpec(tuple(m.shape), names.get(id(p)) or f"group{i}.param{j}")
+            for j, (p, m) in enumerate(zip(params, metas, strict=True))
+        ]
         size = int(zero_opt.partition_size[i])
         if partition.numel() != size:
             raise RuntimeError(f"hf_adamp: ZeRO partition {i} has {partition.numel()} elements, expected {size}")
@@ -58,7 +61,7 @@ def zero3_layouts(zero_opt: Any, names: dict[int, str]) -> list[Layout]:
         rank = dist.get_rank(group=zero_opt.sub_group_process_groups[s])
         specs, pieces, local = [], [], 0
         for j, p in enumerate(params):
-            specs.append(ParamSpec(tuple(p.ds_shape), names.get(id(p), "")))
+            specs.append(ParamSpec(tuple(p.ds_shape), names.get(id(p)) or f"subgroup{s}.param{j}"))
             part = int(p.partition_numel())
             n = max(0, min(part, int(p.ds_numel) - rank * part))  # the rest of the partition is padding
             if n:
@@ -79,7 +82,8 @@ def attach_deepspeed(engine_or_zero_opt: Any, optimizer: Any | None = None) -> l
 
     Returns the layouts (empty for ZeRO-0, where the optimizer holds the parameters themselves).
     """
-    engine = engine_or_zero_opt if hasattr(engine_or_zero_opt, "module") else None
+    # the ZeRO-3 optimizer has a .module too: tell them apart by the ZeRO partitions
+    engine = None if is_zero_optimizer(engine_or_zero_opt) else engine_or_zero_opt
     zero_opt = engine.optimizer if engine is not None else engine_or_zero_opt
     client = getattr(zero_opt, "optimizer", None)
     if optimizer is None:
@@ -93,6 +97,8 @@ def attach_deepspeed(engine_or_zero_opt: Any, optimizer: Any | None = None) -> l
         )
     module = engine.module if engine is not None else None
     names = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
+    # ZeRO keeps the names too (param -> name), so a ZeRO optimizer alone is enough
+    names.update({id(p): n for p, n in getattr(zero_opt, "param_names", {}).items() if id(p) not in names})
     if hasattr(zero_opt, "single_partition_of_fp32_groups"):
         layouts = zero12_layouts(zero_opt, names)
     elif hasattr(zero_opt, "fp32_partitioned_groups_flat"):

@@ -56,7 +56,7 @@ def fsdp2_layout(optimizer: Any, model: torch.nn.Module | None = None) -> tuple[
             start, count = _shard0_rows(p)
             row_len = p.numel() // p.shape[0] if p.shape[0] else 0
             j = len(specs)
-            specs.append(ParamSpec(tuple(p.shape), names.get(id(p), "")))
+            specs.append(ParamSpec(tuple(p.shape), names.get(id(p)) or f"param{j}"))
             pieces[id(p)] = [Piece(j, 0, start * row_len, count * row_len)] if count * row_len else []
             pg = p.device_mesh.get_group()
             if group is not None and pg is not group:
