@@ -360,12 +360,19 @@ class ProjectedOptimizer(Optimizer):
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         originals: dict[int, dict[str, Any]] = {}
+        # torch's load_state_dict ends in __setstate__, which rebuilds the runtime attributes; keep the
+        # attached layouts and the record of given tensors, else a sharded optimizer resumed from a
+        # checkpoint would lose its layout and take the engine's flat partitions for user parameters
+        keep = {k: self.__dict__[k] for k in ("_layouts", "_reducer", "_last") if k in self.__dict__}
+        keep["_given"] = dict(self.__dict__.get("_given", {}))
+        keep["_given_multi_dim"] = self.__dict__.get("_given_multi_dim", False)
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in saved_groups for i in g["params"]]
         for pid, p in zip(saved_ids, params):
             if p.dtype in (torch.float16, torch.bfloat16) and pid in saved_state:
                 originals[id(p)] = saved_state[pid]
         super().load_state_dict(state_dict)
+        self.__dict__.update(keep)
         for p in params:
             saved = originals.get(id(p))
             if saved is None:
