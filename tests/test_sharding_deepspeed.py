@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("deepspeed")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -34,7 +35,11 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return run_ranks(run_all, WORLD, tmp_path_factory.mktemp("ds"), CONFIGS, timeout=300)
+    configs = dict(CONFIGS)
+    for stage in (2, 3):
+        ckpt = str(tmp_path_factory.mktemp(f"ckpt{stage}"))
+        configs[f"zero{stage}-resume"] = dict(resume=True, stage=stage, ckpt_dir=ckpt)
+    return run_ranks(run_all, WORLD, tmp_path_factory.mktemp("ds"), configs, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +70,13 @@ def test_reference_adamp_is_not_exact_under_zero(runs, reference, key) -> None:
     """The reference sees 1-D partitions, skips the projection and becomes AdamW: the check above can fail."""
     errs = max_rel_err(runs[0][key]["params"], reference)
     assert errs["fc1.weight"] > 1e-2, errs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_resume_is_bit_identical(runs, stage) -> None:
+    for rank_runs in runs:
+        res = rank_runs[f"zero{stage}-resume"]
+        assert "error" not in res, res
+        for name, want in res["straight"].items():
+            assert torch.equal(res["resumed"][name], want), name
+        assert res["state_keys"] == ["exp_avg", "exp_avg_sq", "step"]

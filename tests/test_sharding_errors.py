@@ -54,3 +54,20 @@ def test_gpt2_small_collective_bytes() -> None:
     assert layout.total_rows == 50257 + 1024 + 12 * (768 + 768 + 768 + 3072) == 115_793
     assert layout.collective_bytes() == 1_852_688  # ~1.85 MB/step (fp32); 3.7 MB in fp64
     assert layout.collective_bytes(8) == 2 * 1_852_688
+
+
+def test_load_state_dict_keeps_layout_and_refusal() -> None:
+    """torch's load_state_dict calls __setstate__: it must not drop the attached layout, nor take an
+    engine's flat partition for a user parameter (DeepSpeed load_checkpoint went silently AdamW so)."""
+    model = torch.nn.Linear(6, 4)
+    opt = hf_adamp.AdamP(model.parameters())
+    flat = torch.zeros(28, requires_grad=True)
+    flat.grad = torch.randn(28)
+    opt.param_groups[0]["params"] = [flat]
+    opt.load_state_dict(opt.state_dict())
+    with pytest.raises(RuntimeError, match="no sharding layout maps"):
+        opt.step()
+    layout = Layout([ParamSpec((4, 6)), ParamSpec((4,))], {id(flat): []})
+    opt.attach_layout(layout, lambda t: None)
+    opt.load_state_dict(opt.state_dict())
+    assert opt._layout is layout
