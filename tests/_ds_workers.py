@@ -11,8 +11,10 @@ import hf_adamp
 import hf_adamp.sharding
 
 
-def zero_config(stage: int, round_robin: bool = False, sub_group_size: int | None = None) -> dict:
+def zero_config(stage: int, round_robin: bool = False, sub_group_size: int | None = None, offload=False) -> dict:
     zero: dict = {"stage": stage}
+    if offload:  # ZeRO-Offload with the client optimizer (DeepSpeed refuses it unless told not to force its own)
+        zero["offload_optimizer"] = {"device": "cpu"}
     if stage in (1, 2):
         zero["round_robin_gradients"] = round_robin
     if stage == 3:
@@ -26,6 +28,7 @@ def zero_config(stage: int, round_robin: bool = False, sub_group_size: int | Non
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
+        "zero_force_ds_cpu_optimizer": False,
     }
 
 
@@ -39,7 +42,9 @@ def full_params(engine, stage: int) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in params}
 
 
-def train(rank: int, world: int, stage: int, opt: str, round_robin: bool = False, sub_group_size=None, attach=True):
+def train(
+    rank: int, world: int, stage: int, opt: str, round_robin=False, sub_group_size=None, attach=True, offload=False
+):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -48,8 +53,9 @@ def train(rank: int, world: int, stage: int, opt: str, round_robin: bool = False
         optimizer = hf_adamp.AdamP(param_groups(model), lr=LR)
     else:
         optimizer = adamp.AdamP(param_groups(model), lr=LR)
-    cfg = zero_config(stage, round_robin, sub_group_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    cfg = zero_config(stage, round_robin, sub_group_size, offload)
+    engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    offloaded = bool(getattr(zero_opt, "cpu_offload", False) or getattr(zero_opt, "offload_optimizer", False))
     layouts = hf_adamp.sharding.attach(engine, optimizer) if (attach and opt == "ours") else []
     decisions: dict[str, set[str]] = {}
     for step in range(STEPS):
@@ -67,6 +73,7 @@ def train(rank: int, world: int, stage: int, opt: str, round_robin: bool = False
         params=full_params(engine, stage),
         decisions=decisions,
         n_layouts=len(layouts),
+        offloaded=offloaded,
         total_rows=[lay.total_rows for lay in layouts],
     )
 

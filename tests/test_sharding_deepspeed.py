@@ -30,6 +30,8 @@ CONFIGS = {
     "reference-zero3": dict(stage=3, opt="reference"),
     "zero2-auto": dict(stage=2, opt="ours", round_robin=True, attach=False),
     "zero3-auto": dict(stage=3, opt="ours", sub_group_size=120, attach=False),
+    "zero2-offload": dict(stage=2, opt="ours", offload=True),
+    "zero3-offload": dict(stage=3, opt="ours", sub_group_size=120, offload=True),
 }
 
 
@@ -47,7 +49,19 @@ def reference():
     return reference_run(WORLD)
 
 
-@pytest.mark.parametrize("key", ["zero1", "zero2", "zero2-round-robin", "zero3-subgroups", "zero2-auto", "zero3-auto"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "zero1",
+        "zero2",
+        "zero2-round-robin",
+        "zero3-subgroups",
+        "zero2-auto",
+        "zero3-auto",
+        "zero2-offload",
+        "zero3-offload",
+    ],
+)
 def test_zero_equals_single_process(runs, reference, key) -> None:
     for rank_runs in runs:
         res = rank_runs[key]
@@ -61,6 +75,7 @@ def test_zero_equals_single_process(runs, reference, key) -> None:
     assert "layer" in decisions["fc2.weight"], decisions
     assert "none" in decisions["fc3.weight"], decisions
     assert "fc1.bias" not in decisions  # 1-D: never projected, not reported
+    assert runs[0][key]["offloaded"] == key.endswith("offload")
     n_layouts = runs[0][key]["n_layouts"]
     assert n_layouts == 2 if key.startswith("zero1") or key.startswith("zero2") else n_layouts >= 3
 
