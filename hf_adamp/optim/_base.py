@@ -150,7 +150,7 @@ class ProjectedOptimizer(Optimizer):
         """Whether a sharding engine put tensors of its own (flat partitions, DTensors) in param_groups."""
         for group in self.param_groups:
             for p in group["params"]:
-                if is_dtensor(p) or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
+                if is_sharded_tensor(p) or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
                     return True
         return False
 
@@ -158,9 +158,14 @@ class ProjectedOptimizer(Optimizer):
         """Refuse a tensor that a sharding engine put in place of the user's parameters, when no layout maps
         it: treating a flat partition or a local shard as a parameter would silently turn off the projection
         (AdamP would act as AdamW)."""
-        dtensor = is_dtensor(p)
-        if dtensor or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
-            kind = "a DTensor (FSDP2 shard)" if dtensor else f"a flat tensor of shape {tuple(p.shape)}"
+        sharded = is_sharded_tensor(p)
+        if sharded or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
+            if is_dtensor(p):
+                kind = "a DTensor (FSDP2 shard)"
+            elif sharded:
+                kind = f"an FSDP1 FlatParameter of shape {tuple(p.shape)}"
+            else:
+                kind = f"a flat tensor of shape {tuple(p.shape)}"
             raise RuntimeError(
                 f"{type(self).__name__}: step() was handed {kind} that no sharding layout maps to parameter rows. "
                 "A sharding engine (DeepSpeed ZeRO, FSDP) has replaced or sharded the parameters; without a "
@@ -387,6 +392,11 @@ class ProjectedOptimizer(Optimizer):
 
 def is_dtensor(t: Tensor) -> bool:
     return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+
+
+def is_sharded_tensor(t: Tensor) -> bool:
+    """A tensor that only ever holds a shard: an FSDP2 DTensor or an FSDP1 FlatParameter."""
+    return is_dtensor(t) or bool(getattr(t, "_is_flat_param", False))
 
 
 class LocalState(MutableMapping):
