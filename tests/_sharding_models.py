@@ -60,13 +60,11 @@ def param_groups(model: nn.Module, weight_decay: float = WD) -> list[dict]:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def reference_run(world: int, steps: int = STEPS, opt: str = "adamp") -> dict[str, torch.Tensor]:
+def reference_run(world: int, steps: int = STEPS, all_decay: bool = False) -> dict[str, torch.Tensor]:
     """Single process, full batch (mean loss), the reference optimizer."""
     model = make_model()
-    if opt == "adamp":
-        ref = adamp.AdamP(param_groups(model), lr=LR)
-    else:
-        ref = adamp.SGDP(param_groups(model), lr=LR, momentum=0.9)
+    groups = [dict(params=list(model.parameters()), weight_decay=WD)] if all_decay else param_groups(model)
+    ref = adamp.AdamP(groups, lr=LR)
     for step in range(steps):
         x, y = batch(step, world)
         ref.zero_grad()

@@ -20,9 +20,10 @@ from .layout import Layout, ParamSpec, Piece, Segment
 def attach(engine_or_model: Any, optimizer: Any | None = None) -> list[Layout]:
     """Tell an hf_adamp optimizer how the engine shards the parameters, and how to reduce across ranks.
 
-    ``engine_or_model``: a DeepSpeed engine (or its ZeRO optimizer), or a model sharded with FSDP2
-    ``fully_shard`` (or plain / DDP: nothing to map). ``optimizer``: the hf_adamp optimizer; found from a
-    DeepSpeed engine when omitted, required otherwise. Call it again after the engine rebuilds its partitions.
+    ``engine_or_model``: a DeepSpeed engine (or its ZeRO optimizer), a model sharded with FSDP2
+    ``fully_shard``, the root ``FullyShardedDataParallel`` module (FSDP1), or plain / DDP (nothing to
+    map). ``optimizer``: the hf_adamp optimizer; found from a DeepSpeed engine when omitted, required
+    otherwise. Call it again after the engine rebuilds its partitions.
     Returns the attached layouts (none for unsharded setups such as DDP or ZeRO-0).
     """
     from .deepspeed import attach_deepspeed, is_zero_optimizer
@@ -33,12 +34,16 @@ def attach(engine_or_model: Any, optimizer: Any | None = None) -> list[Layout]:
         return attach_deepspeed(engine_or_model, optimizer)
     if optimizer is not None and has_dtensors(optimizer):
         return attach_fsdp2(engine_or_model, optimizer)
+    if optimizer is not None and _is_fsdp1(engine_or_model):
+        from .fsdp1 import attach_fsdp1
+
+        return attach_fsdp1(engine_or_model, optimizer)
     if optimizer is not None and isinstance(engine_or_model, torch.nn.Module) and not _is_fsdp1(engine_or_model):
         optimizer.attach_layout(None)  # plain or DDP: the optimizer holds the parameters themselves
         return []
     raise TypeError(
         f"hf_adamp.sharding.attach: don't know how {type(engine_or_model).__name__} shards parameters "
-        "(supported: DeepSpeed engines / ZeRO optimizers, FSDP2 fully_shard models, plain and DDP models)"
+        "(supported: DeepSpeed engines / ZeRO optimizers, FSDP2 and FSDP1 models, plain and DDP models)"
     )
 
 
