@@ -238,7 +238,7 @@ class ProjectedOptimizer(Optimizer):
             return loss
         decision, decay = self._decide(stats, specs, slot_groups)
         # 1-D parameters listed in a layout have a slot but no rows: never projected, not reported
-        keys = [k if spec.rows else None for k, spec in zip(keys, specs)]
+        keys = [k if spec.rows else None for k, spec in zip(keys, specs, strict=True)]
         self._last[id(layout) if layout is not None else None] = (decision.kind, keys)
 
         coefs: dict[torch.dtype, Tensor] = {}
@@ -357,7 +357,13 @@ class ProjectedOptimizer(Optimizer):
         """
         out: dict[Any, str] = {}
         for kind, keys in self._last.values():
-            out.update({key: projection.DECISION_NAMES[k] for key, k in zip(keys, kind.tolist()) if key is not None})
+            out.update(
+                {
+                    key: projection.DECISION_NAMES[k]
+                    for key, k in zip(keys, kind.tolist(), strict=True)
+                    if key is not None
+                }
+            )
         return out
 
     # ----- state_dict: keep fp32 state for half-precision parameters -----
