@@ -15,7 +15,8 @@ whole tensors and documents the maths, and a fast one that works in cache-sized 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,10 +92,12 @@ class ProjectedOptimizer(Optimizer):
 
     # ----- runtime attributes (not part of state_dict, rebuilt after unpickling) -----
     def _init_runtime(self) -> None:
-        self._layout: Layout | None = None
+        self._layouts: list[Layout] = []
         self._reducer: Reducer | None = None
+        self._record_given()
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self.last_record: StepRecord | None = None
+        # last record per layout (None: unsharded), so engines that step group by group report them all
+        self._records: dict[int | None, StepRecord] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups}
@@ -106,10 +109,81 @@ class ProjectedOptimizer(Optimizer):
             group.setdefault("foreach", None)
         self._init_runtime()
 
-    def attach_layout(self, layout: Layout | None, reducer: Reducer | None = None) -> None:
-        """Tell the optimizer where parameter rows lie in the tensors it is handed (sharding engines)."""
-        self._layout, self._reducer = layout, reducer
+    def attach_layout(self, layout: Layout | Sequence[Layout] | None, reducer: Reducer | None = None) -> None:
+        """Tell the optimizer where parameter rows lie in the tensors it is handed (sharding engines).
+
+        Engines that call ``step()`` once per group with ``param_groups`` narrowed to that group (DeepSpeed
+        ZeRO) pass one layout per group: each step uses the layout holding its tensors, so its statistics
+        buffer (and the one collective) is sized by that group's parameters only.
+        """
+        if layout is None:
+            self._layouts = []
+        else:
+            self._layouts = [layout] if isinstance(layout, Layout) else list(layout)
+        self._reducer = reducer
         self._scratch.clear()
+
+    @property
+    def _layout(self) -> Layout | None:
+        """The single attached layout, if exactly one is attached."""
+        return self._layouts[0] if len(self._layouts) == 1 else None
+
+    def _active_layout(self) -> Layout | None:
+        """The layout holding the tensors of this step (the first tensor any layout holds decides)."""
+        if len(self._layouts) <= 1:
+            return self._layout
+        for group in self.param_groups:
+            for p in group["params"]:
+                for layout in self._layouts:
+                    if layout.holds(p):
+                        return layout
+        return self._layouts[0]  # _collect raises if a tensor with a gradient is in no layout
+
+    # ----- which tensors the user gave, so tensors an engine swapped in are recognised -----
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._record_given()
+
+    def _record_given(self) -> None:
+        given = self.__dict__.setdefault("_given", {})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in given:
+                    given[id(p)] = weakref.ref(p)
+        multi = any(p.dim() > 1 for g in self.param_groups for p in g["params"])
+        self.__dict__["_given_multi_dim"] = multi or self.__dict__.get("_given_multi_dim", False)
+
+    def _was_given(self, p: Tensor) -> bool:
+        ref = self._given.get(id(p))
+        return ref is not None and ref() is p
+
+    def _engine_replaced_tensors(self) -> bool:
+        """Whether a sharding engine put tensors of its own (flat partitions, DTensors) in param_groups."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_sharded_tensor(p) or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
+                    return True
+        return False
+
+    def _check_unsharded(self, p: Tensor) -> None:
+        """Refuse a tensor that a sharding engine put in place of the user's parameters, when no layout maps
+        it: treating a flat partition or a local shard as a parameter would silently turn off the projection
+        (AdamP would act as AdamW)."""
+        sharded = is_sharded_tensor(p)
+        if sharded or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
+            if is_dtensor(p):
+                kind = "a DTensor (FSDP2 shard)"
+            elif sharded:
+                kind = f"an FSDP1 FlatParameter of shape {tuple(p.shape)}"
+            else:
+                kind = f"a flat tensor of shape {tuple(p.shape)}"
+            raise RuntimeError(
+                f"{type(self).__name__}: step() was handed {kind} that no sharding layout maps to parameter rows. "
+                "A sharding engine (DeepSpeed ZeRO, FSDP) has replaced or sharded the parameters; without a "
+                "layout the projection would be skipped and the optimizer would silently act as AdamW. Call "
+                "hf_adamp.sharding.attach(engine_or_model, optimizer) after the engine is set up "
+                "(see hf_adamp.sharding)."
+            )
 
     # ----- what subclasses provide -----
     def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
@@ -143,28 +217,41 @@ class ProjectedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        items, specs, slot_groups, keys = self._collect()
-        if not items:
+        layout = self._active_layout()
+        if layout is None and self._engine_replaced_tensors():
+            from ..sharding.auto import auto_attach  # deferred: sharding imports this module
+
+            if auto_attach(self):
+                layout = self._active_layout()
+        items, specs, slot_groups, keys = self._collect(layout)
+        # A sharded rank joins the collective even when none of its tensors has a gradient (an empty
+        # shard), else the other ranks would wait for it forever.
+        sharded = layout is not None and self._reducer is not None
+        if not items and not sharded:
             return loss
 
-        layout = self._layout
+        # dtype and device from all tensors, not only those with gradients, so every rank agrees
+        tensors = [p for group in self.param_groups for p in group["params"]]
         total_rows = layout.total_rows if layout is not None else sum(s.rows for s in specs)
-        stats_dtype = torch.float64 if any(state_dtype(it.param) == torch.float64 for it in items) else torch.float32
-        device = items[0].param.device
+        stats_dtype = torch.float64 if any(state_dtype(p) == torch.float64 for p in tensors) else torch.float32
+        device = tensors[0].device if tensors else torch.device("cpu")
         stats = torch.zeros((projection.NUM_STATS, total_rows), dtype=stats_dtype, device=device)
 
         for item in items:
             self._prepare(item)
             (self._first_fast if self._fast(item) else self._first_plain)(item, stats)
 
-        if self._reducer is not None:
+        if sharded:
             self._reducer(stats)
 
-        if total_rows == 0:
-            self.last_record = None
+        record_key = id(layout) if layout is not None else None
+        if total_rows == 0 or not items:
+            self._records.pop(record_key, None)
             return loss
         decision, decay, lr = self._decide(stats, specs, slot_groups)
-        self.last_record = StepRecord(keys, decision.kind, decision.weight_norm, lr)
+        # 1-D parameters listed in a layout have a slot but no rows: never projected, not reported
+        keys = [k if spec.rows else None for k, spec in zip(keys, specs, strict=True)]
+        self._records[record_key] = StepRecord(keys, decision.kind, decision.weight_norm, lr)
 
         coefs: dict[torch.dtype, Tensor] = {}
         for item in items:
@@ -178,9 +265,10 @@ class ProjectedOptimizer(Optimizer):
     def _fast(item: Item) -> bool:
         return item.group.get("foreach") is not False
 
-    def _collect(self) -> tuple[list[Item], list[ParamSpec], list[dict[str, Any] | None], list[Any]]:
+    def _collect(
+        self, layout: Layout | None
+    ) -> tuple[list[Item], list[ParamSpec], list[dict[str, Any] | None], list[Any]]:
         """Tensors with gradients, their segments, and the table of parameter slots."""
-        layout = self._layout
         items: list[Item] = []
         specs: list[ParamSpec] = [] if layout is None else layout.params
         slot_groups: list[dict[str, Any] | None] = [None] * len(specs)
@@ -191,9 +279,11 @@ class ProjectedOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 self._check_tensor(p)
+                if layout is None:
+                    self._check_unsharded(p)
                 state = self.state[p]
                 if not state:
-                    self._init_state(p, state)
+                    self._init_state(p, state)  # a DTensor's state is DTensors too (checkpointable)
                 chunk = CHUNK_ELEMS if group.get("foreach") is not False else _WHOLE
                 if layout is not None:
                     if not layout.holds(p):
@@ -219,6 +309,8 @@ class ProjectedOptimizer(Optimizer):
                         spec = ParamSpec((p.numel(),))
                         segments = split_piece(Piece(-1, 0, 0, p.numel()), spec, 0, chunk)
                 grad = p.grad
+                if is_dtensor(p):  # FSDP2: the step works on this rank's shard (its layout says which rows)
+                    p, grad, state = p.to_local(), grad.to_local(), LocalState(state)
                 if grad.stride() != p.stride():
                     grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
                 items.append(Item(p, grad, state, group, segments))
@@ -239,8 +331,10 @@ class ProjectedOptimizer(Optimizer):
         """Per-slot hyperparameters as tensors, then the batched decision, decay multipliers and lr."""
         dtype, device = stats.dtype, stats.device
         row_len, numel, delta, eps, plain, projected, lr = [], [], [], [], [], [], []
+        # a slot with no local piece is not applied here; give it this step's group so ranks report alike
+        fallback = next((g for g in slot_groups if g is not None), self.defaults)
         for spec, group in zip(specs, slot_groups):
-            group = group if group is not None else self.defaults  # slot with no local piece: unused
+            group = group if group is not None else fallback
             row_len.append(float(max(spec.row_len, 1)))
             numel.append(float(max(spec.numel, 1)))
             delta.append(group["delta"])
@@ -278,19 +372,42 @@ class ProjectedOptimizer(Optimizer):
         if record is None:
             return {}
         kinds = record.kind.tolist()
-        return {key: projection.DECISION_NAMES[k] for key, k in zip(record.keys, kinds)}
+        return {key: projection.DECISION_NAMES[k] for key, k in zip(record.keys, kinds, strict=True)}
+
+    @property
+    def last_record(self) -> StepRecord | None:
+        """The last step's record over all layouts, projectable parameters only (tensor ops, no sync)."""
+        records = list(self._records.values())
+        if not records:
+            return None
+        keep = [i for i, k in enumerate(k for r in records for k in r.keys) if k is not None]
+        if not keep:
+            return None
+        cat = [
+            torch.cat(t) if len(records) > 1 else t[0] for t in zip(*((r.kind, r.weight_norm, r.lr) for r in records))
+        ]
+        index = torch.tensor(keep, device=cat[0].device)
+        keys = [k for r in records for k in r.keys if k is not None]
+        return StepRecord(keys, *(t.index_select(0, index) for t in cat))
 
     # ----- state_dict: keep fp32 state for half-precision parameters -----
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         originals: dict[int, dict[str, Any]] = {}
+        # torch's load_state_dict ends in __setstate__, which rebuilds the runtime attributes; keep the
+        # attached layouts and the record of given tensors, else a sharded optimizer resumed from a
+        # checkpoint would lose its layout and take the engine's flat partitions for user parameters
+        keep = {k: self.__dict__[k] for k in ("_layouts", "_reducer", "_records") if k in self.__dict__}
+        keep["_given"] = dict(self.__dict__.get("_given", {}))
+        keep["_given_multi_dim"] = self.__dict__.get("_given_multi_dim", False)
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in saved_groups for i in g["params"]]
         for pid, p in zip(saved_ids, params):
             if p.dtype in (torch.float16, torch.bfloat16) and pid in saved_state:
                 originals[id(p)] = saved_state[pid]
         super().load_state_dict(state_dict)
+        self.__dict__.update(keep)
         for p in params:
             saved = originals.get(id(p))
             if saved is None:
@@ -301,6 +418,39 @@ class ProjectedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+
+
+def is_sharded_tensor(t: Tensor) -> bool:
+    """A tensor that only ever holds a shard: an FSDP2 DTensor or an FSDP1 FlatParameter."""
+    return is_dtensor(t) or bool(getattr(t, "_is_flat_param", False))
+
+
+class LocalState(MutableMapping):
+    """A parameter's state seen through its local shards: DTensor entries read as ``to_local()`` views
+    (in-place updates reach the DTensor), writes go to the real state."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._state[key]
+        return value.to_local() if isinstance(value, Tensor) and is_dtensor(value) else value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[key]
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
 
 
 def flat(t: Tensor) -> Tensor:

@@ -254,8 +254,18 @@ class AdamP(ProjectedOptimizer):
         group, s = item.group, item.scalars
         step = torch.tensor(float(item.state["step"]), dtype=torch.float32, device=item.param.device)
         torch._fused_adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params), amsgrad=False, lr=group["lr"],
-            beta1=s["beta1"], beta2=s["beta2"], eps=s["eps"], maximize=group["maximize"],
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            [step] * len(params),
+            amsgrad=False,
+            lr=group["lr"],
+            beta1=s["beta1"],
+            beta2=s["beta2"],
+            eps=s["eps"],
+            maximize=group["maximize"],
             weight_decay=group["weight_decay"] if weight_decay is None else weight_decay,
         )
 

@@ -115,6 +115,12 @@ class Layout:
             total += spec.rows
         self.stat_offsets, self.total_rows = offsets, total
 
+    def collective_bytes(self, itemsize: int = 4) -> int:
+        """Bytes of the one all_reduce per step: 4 sums per row of every projectable parameter."""
+        from ..projection import NUM_STATS
+
+        return NUM_STATS * self.total_rows * itemsize
+
     def holds(self, tensor: Tensor) -> bool:
         return id(tensor) in self.pieces
 

@@ -1,0 +1,41 @@
+"""Attach a layout without user ceremony, on the first step() that meets engine-replaced tensors.
+
+- FSDP2: the DTensor parameters carry their own sharding, so the layout is built from them alone.
+- DeepSpeed ZeRO: the ZeRO optimizer calls our ``step()`` from its ``_optimizer_step``; the caller's frame
+  holds it, and with it the partitions' metadata.
+Anything else is left alone: the optimizer then raises its clear "no sharding layout" error.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .deepspeed import attach_deepspeed, is_zero_optimizer
+from .fsdp import attach_fsdp2, has_dtensors
+
+_MAX_FRAMES = 12  # step() wrappers (no_grad, profiling hooks) sit between the engine and us
+
+
+def _calling_zero_optimizer(optimizer: Any) -> Any | None:
+    frame = sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        caller = frame.f_locals.get("self")
+        if caller is not None and is_zero_optimizer(caller) and getattr(caller, "optimizer", None) is optimizer:
+            return caller
+    return None
+
+
+def auto_attach(optimizer: Any) -> bool:
+    """Attach the layout of the engine that handed ``optimizer`` its tensors, if it can be found."""
+    if has_dtensors(optimizer):
+        attach_fsdp2(None, optimizer)
+        return True
+    zero_opt = _calling_zero_optimizer(optimizer)
+    if zero_opt is not None:
+        attach_deepspeed(zero_opt, optimizer)
+        return True
+    return False
