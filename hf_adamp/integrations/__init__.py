@@ -5,7 +5,7 @@ when those modules load (or at once if they already have).
 """
 
 from . import deepspeed, transformers
-from .deepspeed import DeepSpeedConfigError, ShardingNotSupportedError, ensure_sharding_supported
+from .deepspeed import DeepSpeedConfigError, ShardingNotSupportedError, attach_sharding
 from .transformers import OPTIM_NAMES, create_optimizer, parse_optim_args, trainer_param_groups
 
 
@@ -19,8 +19,8 @@ __all__ = [
     "OPTIM_NAMES",
     "DeepSpeedConfigError",
     "ShardingNotSupportedError",
+    "attach_sharding",
     "create_optimizer",
-    "ensure_sharding_supported",
     "install",
     "parse_optim_args",
     "trainer_param_groups",

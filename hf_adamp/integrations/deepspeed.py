@@ -103,50 +103,50 @@ def check_offload(ds_config: Mapping[str, Any], optimizers: Iterable[Any]) -> No
 
 # ----- ZeRO sharding -----
 def _flattening_wrapper(wrapper: Any) -> str | None:
-    """What a DeepSpeed optimizer wrapper hands the client optimizer, if it is flat partitions."""
+    """The name of a DeepSpeed wrapper that hands the client optimizer flat master weights without
+    ZeRO's partition metadata (so no layout can be built), if ``wrapper`` is one."""
     if "deepspeed" not in sys.modules:
         return None
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if isinstance(wrapper, DeepSpeedZeroOptimizer):
-        return "DeepSpeed ZeRO stage 2" if wrapper.partition_gradients else "DeepSpeed ZeRO stage 1"
-    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        return "DeepSpeed ZeRO stage 3"
     if isinstance(wrapper, BF16_Optimizer):
-        return "DeepSpeed's bf16 optimizer (flat fp32 partitions, as ZeRO stage 1)"
+        return "DeepSpeed's bf16 optimizer (used for bf16 with ZeRO stage 0 or 1)"
     if isinstance(wrapper, FP16_Optimizer):
-        return "DeepSpeed's fp16 optimizer (flat fp32 master weights)"
+        return "DeepSpeed's fp16 optimizer (flat fp32 master weights, ZeRO stage 0)"
     return None
 
 
-def ensure_sharding_supported(optimizer: Any) -> None:
-    """Raise if AdamP/SGDP sit under a DeepSpeed wrapper that flattens parameters and no layout is attached.
+def attach_sharding(optimizer: Any) -> None:
+    """Attach the sharding layout when AdamP/SGDP sit under a DeepSpeed ZeRO optimizer; refuse the flat
+    wrappers that have no layout adapter (DeepSpeed's non-ZeRO bf16/fp16 optimizers).
 
-    The projection needs each parameter's rows; a 1-D flat partition has none, so the step would skip
-    the projection and act as AdamW. hf_adamp.sharding replaces this guard by attaching a layout.
+    Without a layout the step would see 1-D flat partitions, skip the projection and act as AdamW.
     """
     chain = _wrapper_chain(optimizer)
     inner = chain[-1]
-    if not isinstance(inner, ProjectedOptimizer) or inner._layout is not None:
+    if not isinstance(inner, ProjectedOptimizer) or inner._layouts:
         return
+    from ..sharding import attach
+    from ..sharding.deepspeed import is_zero_optimizer
+
     for wrapper in chain[:-1]:
+        if is_zero_optimizer(wrapper):
+            attach(wrapper, inner)
+            return
         engine = _flattening_wrapper(wrapper)
         if engine is not None:
             name = type(inner).__name__
             raise ShardingNotSupportedError(
-                f"hf_adamp.{name} under {engine}: DeepSpeed hands the optimizer 1-D flat partitions, and no "
-                f"sharding layout is attached, so {name} cannot see parameter rows and would silently act as "
-                "AdamW. Exact ZeRO support comes with hf_adamp's sharding adapters; until then use ZeRO stage 0 "
-                'in fp32 (no "fp16"/"bf16" section), DDP, or optim="radam" (element-wise, exact under ZeRO).'
+                f"hf_adamp.{name} under {engine}: DeepSpeed hands the optimizer flat master weights that no "
+                f"hf_adamp layout maps to parameter rows, so {name} would silently act as AdamW. Use ZeRO stage "
+                "2 or 3 for half precision (mapped exactly), or fp32 with any stage."
             )
 
 
 # ----- hooks -----
 def patch_accelerator(accelerator_module: ModuleType) -> None:
-    """Wrap ``Accelerator._prepare_deepspeed``: offload check before, sharding guard after (idempotent)."""
+    """Wrap ``Accelerator._prepare_deepspeed``: offload check before, sharding layout after (idempotent)."""
     accelerator_cls = accelerator_module.Accelerator
     original = accelerator_cls.__dict__["_prepare_deepspeed"]
     while getattr(original, _MARK, False):
@@ -160,7 +160,7 @@ def patch_accelerator(accelerator_module: ModuleType) -> None:
         result = original(self, *args)
         for obj in result if isinstance(result, (list, tuple)) else (result,):
             if isinstance(obj, torch.optim.Optimizer):
-                ensure_sharding_supported(obj)
+                attach_sharding(obj)
         return result
 
     setattr(_prepare_deepspeed, _MARK, True)
