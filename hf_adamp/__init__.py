@@ -4,6 +4,13 @@ from .integrations import create_optimizer
 from .integrations import install as _install_integrations
 from .optim import SGDP, AdamP, RAdam
 from .telemetry import ProjectionLoggingCallback, add_projection_logging, projection_metrics, scale_invariant_metrics
+from .weight_norm import (
+    WeightNormArguments,
+    apply_weight_norm,
+    remove_weight_norm,
+    weight_norm_gain_names,
+    weight_norm_state_dict,
+)
 
 _install_integrations()  # registers optim="adamp"|"sgdp"|"radam" with transformers (lazily, see integrations)
 
@@ -18,5 +25,10 @@ __all__ = [
     "add_projection_logging",
     "projection_metrics",
     "scale_invariant_metrics",
+    "WeightNormArguments",
+    "apply_weight_norm",
+    "remove_weight_norm",
+    "weight_norm_gain_names",
+    "weight_norm_state_dict",
     "__version__",
 ]
