@@ -37,7 +37,8 @@ class Bleu:
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
         if self._metric is not None:
-            return float(self._metric.compute(predictions=list(predictions), references=[[r] for r in references])["score"])
+            result = self._metric.compute(predictions=list(predictions), references=[[r] for r in references])
+            return float(result["score"])
         import sacrebleu
 
         return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
