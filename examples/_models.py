@@ -20,17 +20,13 @@ from __future__ import annotations
 MODEL_SIZES = ("tiny", "paper")
 
 
-def clm_config(size: str, vocab_size: int, block_size: int, tokenizer=None):
+def clm_config(size: str, vocab_size: int, block_size: int, eos_id: int = 1, pad_id: int = 0):
     from transformers import GPT2Config
 
     dims = {
         "tiny": dict(n_layer=2, n_embd=64, n_head=2, n_inner=256),
         "paper": dict(n_layer=16, n_embd=410, n_head=10, n_inner=2100),
     }[_check(size)]
-    special = {}
-    if tokenizer is not None:
-        eos = tokenizer.eos_token_id
-        special = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     return GPT2Config(
         vocab_size=vocab_size,
         n_positions=block_size,
@@ -38,22 +34,21 @@ def clm_config(size: str, vocab_size: int, block_size: int, tokenizer=None):
         resid_pdrop=0.1,
         embd_pdrop=0.1,
         attn_pdrop=0.0,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
         **dims,
-        **special,
     )
 
 
-def translation_config(size: str, vocab_size: int, max_positions: int, tokenizer=None):
+def translation_config(size: str, vocab_size: int, max_positions: int, eos_id: int = 1, pad_id: int = 0):
+    """Defaults for eos/pad are the ids of the tokenizer that _tokenizer.train_bpe builds."""
     from transformers import MarianConfig
 
     dims = {
         "tiny": dict(layers=2, d_model=64, ffn=128, heads=2, dropout=0.1),
         "paper": dict(layers=6, d_model=512, ffn=1024, heads=4, dropout=0.3),
     }[_check(size)]
-    special = {}
-    if tokenizer is not None:
-        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-        special = dict(pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=eos, forced_eos_token_id=eos)
     return MarianConfig(
         vocab_size=vocab_size,
         max_position_embeddings=max_positions,
@@ -71,7 +66,10 @@ def translation_config(size: str, vocab_size: int, max_positions: int, tokenizer
         scale_embedding=True,
         share_encoder_decoder_embeddings=True,
         tie_word_embeddings=True,
-        **special,
+        pad_token_id=pad_id,
+        decoder_start_token_id=pad_id,
+        eos_token_id=eos_id,
+        forced_eos_token_id=eos_id,
     )
 
 
@@ -82,9 +80,10 @@ def _check(size: str) -> str:
 
 
 def count_parameters(model_cls, config) -> int:
-    """Parameters of ``model_cls(config)`` built on the meta device: no memory, no initialisation."""
+    """Trainable parameters of ``model_cls(config)`` built on the meta device: no memory, no initialisation.
+    (Marian's sinusoidal position table is a frozen parameter: not counted.)"""
     import torch
 
     with torch.device("meta"):
         model = model_cls(config)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

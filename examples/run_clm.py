@@ -121,7 +121,8 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
         return model
-    config = clm_config(model_args.model_size, len(tokenizer), block_size, tokenizer)
+    ids = dict(eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    config = clm_config(model_args.model_size, len(tokenizer), block_size, **ids)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
     return GPT2LMHeadModel(config)

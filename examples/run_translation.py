@@ -166,7 +166,8 @@ def build_model(model_args: ModelArguments, tokenizer, data: DataArguments):
             model.resize_token_embeddings(len(tokenizer))
         return model
     max_positions = max(data.max_source_length, data.max_target_length) + 2
-    config = translation_config(model_args.model_size, len(tokenizer), max_positions, tokenizer)
+    ids = dict(eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    config = translation_config(model_args.model_size, len(tokenizer), max_positions, **ids)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
     return MarianMTModel(config)
