@@ -227,3 +227,21 @@ def test_deepspeed_config_runs_with_the_trainer(one_rank, monkeypatch, tmp_path,
              *clm_data_args(train_lines=100, eval_lines=0), *QUIET])  # fmt: skip
     assert seen["optimizer"] == {"adamw_torch": "AdamW", "radam": "RAdam"}[optim]
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.slow
+@needs_wikitext
+def test_adamp_with_deepspeed_until_issue_4(one_rank, tmp_path):
+    """AdamP runs under DeepSpeed ZeRO stage 0 (full parameters) and, with the checked-in ZeRO-2 JSON, stops with
+    a clear error instead of silently acting as AdamW. When issue 4's layouts land, the second half must flip."""
+    from hf_adamp.integrations import ShardingNotSupportedError
+
+    stage0 = json.loads((CONFIGS / "deepspeed" / "zero2.json").read_text())
+    stage0["zero_optimization"] = {"stage": 0}
+    common = ["--optim", "adamp", "--max_steps", "2", "--save_strategy", "no", "--per_device_train_batch_size", "2",
+              *clm_data_args(train_lines=100, eval_lines=0), *QUIET]  # fmt: skip
+    run_clm(["--output_dir", str(tmp_path / "zero0"), "--deepspeed", json.dumps(stage0), *common])
+    assert json.loads((tmp_path / "zero0" / "trainer_state.json").read_text())["global_step"] == 2
+    with pytest.raises(ShardingNotSupportedError, match="AdamP under DeepSpeed ZeRO stage 2"):
+        run_clm(["--output_dir", str(tmp_path / "zero2"), "--deepspeed", str(CONFIGS / "deepspeed" / "zero2.json"),
+                 *common])  # fmt: skip
