@@ -78,39 +78,51 @@ class DataArguments:
             raise ValueError(f"--block_size must be at least 2, got {self.block_size}")
 
 
-def load_texts(data: DataArguments) -> dict[str, list[str]]:
-    """Raw lines per split: local files when given, else the hub dataset."""
+def load_texts(data: DataArguments) -> dict:
+    """A datasets.Dataset with a "text" column per split: local files when given, else the hub dataset."""
+    from datasets import Dataset
+
     if data.train_file is not None:
-        splits = {"train": read_lines(data.train_file, data.max_train_samples)}
+        splits = {"train": Dataset.from_dict({"text": read_lines(data.train_file, data.max_train_samples)})}
         if data.validation_file is not None:
-            splits["validation"] = read_lines(data.validation_file, data.max_eval_samples)
+            splits["validation"] = Dataset.from_dict({"text": read_lines(data.validation_file, data.max_eval_samples)})
         return splits
     raw = load_hub_dataset(data.dataset_name, data.dataset_config_name, "--train_file X.txt --validation_file Y.txt")
-    splits = {"train": take(raw["train"], data.max_train_samples)["text"]}
+    splits = {"train": take(raw["train"], data.max_train_samples)}
     if "validation" in raw:
-        splits["validation"] = take(raw["validation"], data.max_eval_samples)["text"]
+        splits["validation"] = take(raw["validation"], data.max_eval_samples)
     return splits
 
 
-def clean(lines: list[str]) -> list[str]:
-    return [line.strip() for line in lines if line.strip()]
+def non_empty_lines(texts):
+    """Stripped, non-empty lines (WikiText has blank lines between paragraphs)."""
+    texts = texts.map(lambda b: {"text": [t.strip() for t in b["text"]]}, batched=True, desc="strip")
+    return texts.filter(lambda b: [bool(t) for t in b["text"]], batched=True, desc="drop empty lines")
 
 
-def to_blocks(lines: list[str], tokenizer, block_size: int):
-    """One token stream (each line + </s>) cut into full blocks; labels = input_ids (the model shifts)."""
-    from datasets import Dataset
+def to_blocks(texts, tokenizer, block_size: int):
+    """Tokenize each line + </s>, concatenate, cut into full blocks; labels = input_ids (the model shifts).
 
+    datasets.map keeps this out of Python lists (WikiText-103 is ~100M tokens) and caches it on disk for
+    hub datasets, so the other ranks of a multi-GPU run reuse rank 0's work (see main_process_first)."""
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for start in range(0, len(lines), 1000):
-        for ids in tokenizer(lines[start : start + 1000], add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            stream.append(eos)
-    n_blocks = len(stream) // block_size
-    if n_blocks == 0:
-        raise ValueError(f"The text has {len(stream)} tokens, fewer than one block of {block_size}: lower --block_size")
-    blocks = [stream[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
-    return Dataset.from_dict({"input_ids": blocks, "labels": blocks}), n_blocks * block_size
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + [eos] for x in ids], "n_words": [len(t.split()) + 1 for t in batch["text"]]}
+
+    def group(batch):
+        stream = [token for ids in batch["input_ids"] for token in ids]
+        cut = len(stream) // block_size * block_size
+        blocks = [stream[i : i + block_size] for i in range(0, cut, block_size)]
+        return {"input_ids": blocks, "labels": blocks}
+
+    tokens = texts.map(tokenize, batched=True, remove_columns=texts.column_names, desc="tokenize")
+    n_tokens, n_words = sum(len(x) for x in tokens["input_ids"]), sum(tokens["n_words"])
+    blocks = tokens.map(group, batched=True, batch_size=1000, remove_columns=tokens.column_names, desc="blocks")
+    if len(blocks) == 0:
+        raise ValueError(f"The text has {n_tokens} tokens, fewer than one block of {block_size}: lower --block_size")
+    return blocks, n_tokens / max(1, n_words)
 
 
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
@@ -138,25 +150,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     os.makedirs(training_args.output_dir, exist_ok=True)
 
-    texts = {split: clean(lines) for split, lines in load_texts(data_args).items()}
+    texts = {split: non_empty_lines(t) for split, t in load_texts(data_args).items()}
     tokenizer = load_or_train_tokenizer(
         model_args.tokenizer_name,
         model_args.model_name_or_path,
         training_args.output_dir,
         training_args,
-        lambda: texts["train"],
+        lambda: (batch["text"] for batch in texts["train"].iter(batch_size=1000)),
         model_args.tokenizer_vocab_size,
         append_eos=False,
     )
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos token; it is needed to separate lines.")
     block_size = data_args.block_size
-    train_set, _ = to_blocks(texts["train"], tokenizer, block_size)
-    eval_set, eval_words = None, 0
-    if "validation" in texts:
-        eval_set, _ = to_blocks(texts["validation"], tokenizer, block_size)
-        eval_words = sum(len(line.split()) + 1 for line in texts["validation"])  # +1: the line end, as in WikiText
-    elif training_args.do_eval or training_args.eval_strategy != "no":
+    with training_args.main_process_first(desc="tokenize and group"):
+        train_set, _ = to_blocks(texts["train"], tokenizer, block_size)
+        eval_set, tokens_per_word = None, 1.0
+        if "validation" in texts:
+            eval_set, tokens_per_word = to_blocks(texts["validation"], tokenizer, block_size)
+    if eval_set is None and (training_args.do_eval or training_args.eval_strategy != "no"):
         raise ValueError("Evaluation was asked for but there is no validation split: give --validation_file.")
 
     model = build_model(model_args, tokenizer, block_size)
@@ -187,16 +199,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loss = eval_metrics["eval_loss"]
         eval_metrics["perplexity"] = _safe_exp(loss)
         # The same log-likelihood spread over words instead of tokens, comparable across tokenizers.
-        tokens_per_word = _count_tokens(texts["validation"], tokenizer) / max(1, eval_words)
         eval_metrics["word_perplexity"] = _safe_exp(loss * tokens_per_word)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     return metrics
-
-
-def _count_tokens(lines: list[str], tokenizer) -> int:
-    return sum(len(ids) + 1 for ids in tokenizer(lines, add_special_tokens=False)["input_ids"])
 
 
 def _safe_exp(x: float) -> float:
