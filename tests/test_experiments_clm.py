@@ -41,9 +41,12 @@ def test_tiny_run_trains_evaluates_and_saves_plain_weights(tmp_path):
 
 @pytest.mark.slow
 def test_resume_gives_the_same_final_loss_as_one_run(tmp_path):
-    """2 steps + checkpoint, resume to step 4 == 4 steps straight (AdamP state, data order, RNG restored)."""
+    """2 steps + checkpoint, resume to step 4 == 4 steps straight (AdamP state, data order, RNG restored).
+
+    The resumed invocation gets another --seed: only a real resume (weights and RNG from the checkpoint)
+    can then match; a run that silently started over would not. --data_seed keeps the batch order fixed."""
     common = [
-        "--optim", "adamp", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--weight_decay", "0.1",
+        "--data_seed", "0", "--optim", "adamp", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--weight_decay", "0.1",
         "--per_device_train_batch_size", "4", "--logging_steps", "1", *clm_data_args(eval_lines=0), *QUIET,
     ]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -51,7 +54,7 @@ def test_resume_gives_the_same_final_loss_as_one_run(tmp_path):
     run_clm(["--output_dir", str(resumed), "--max_steps", "2", "--save_steps", "2", *common])
     assert (resumed / "checkpoint-2").is_dir()
     run_clm(["--output_dir", str(resumed), "--max_steps", "4", "--save_steps", "2",
-             "--resume_from_checkpoint", "last", *common])  # fmt: skip
+             "--resume_from_checkpoint", "last", *common, "--seed", "1"])  # fmt: skip
 
     def losses(out):
         return {e["step"]: e["loss"] for e in log_history(out) if "loss" in e}

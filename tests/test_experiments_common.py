@@ -141,8 +141,9 @@ def test_bleu_offline_route_gives_sacrebleus_number(monkeypatch, tmp_path):
     import sacrebleu
 
     monkeypatch.chdir(tmp_path)  # evaluate.load looks for ./sacrebleu/sacrebleu.py first
-    hyps = ["the cat sat on the mat", "a dog runs in the park", "two men are playing guitar"]
-    refs = ["the cat sat on a mat", "a dog is running in the park", "two men play the guitar"]
+    # case and punctuation matter to sacreBLEU's defaults (case-sensitive, 13a tokenisation)
+    hyps = ["The cat sat on the mat.", "A dog runs in the park!", "two men are playing Guitar"]
+    refs = ["the cat sat on a mat.", "A dog is running in the park.", "Two men play the guitar."]
     bleu = Bleu("sacrebleu")
     expected = sacrebleu.corpus_bleu(hyps, [refs]).score
     if bleu.route != "sacrebleu.corpus_bleu":
