@@ -123,12 +123,21 @@ def is_jsonl(path: str | os.PathLike) -> bool:
 
 
 # ----- the hub -----
-def load_hub_dataset(name: str, config_name: str | None, local_hint: str, **kwargs):
-    """``datasets.load_dataset`` with an error that says what to do when the hub cannot be reached."""
+def load_hub_dataset(name: str, config_name: str | None, local_hint: str, revision: str | None = None, **kwargs):
+    """``datasets.load_dataset`` with an error that says what to do when the hub cannot be reached.
+
+    datasets >= 4 refuses repositories that still hold a loading script (bbaaaa/iwslt14-de-en does); the hub
+    keeps a Parquet export of them on the "refs/convert/parquet" branch, which loads without the script."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, config_name, **kwargs)
+        try:
+            return datasets.load_dataset(name, config_name, revision=revision, **kwargs)
+        except RuntimeError as err:
+            if "scripts are no longer supported" not in str(err) or revision is not None:
+                raise
+            logger.warning("%s has a loading script; loading its Parquet export (%s) instead", name, PARQUET_REVISION)
+            return datasets.load_dataset(name, config_name, revision=PARQUET_REVISION, **kwargs)
     except Exception as err:  # ConnectionError, offline mode, gated or missing repo: all mean "no data"
         offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in _OFFLINE_VARS)
         why = "offline mode is on" if offline else "the hub could not be reached or has no such dataset"
@@ -138,6 +147,7 @@ def load_hub_dataset(name: str, config_name: str | None, local_hint: str, **kwar
         ) from err
 
 
+PARQUET_REVISION = "refs/convert/parquet"
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 

@@ -62,6 +62,7 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset_name: str | None = field(default="Salesforce/wikitext", metadata={"help": "Hub dataset id."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision (branch, tag, commit)."})
     dataset_config_name: str | None = field(default="wikitext-103-raw-v1", metadata={"help": "Hub dataset config."})
     train_file: str | None = field(default=None, metadata={"help": "Local training text (.txt or .txt.gz)."})
     validation_file: str | None = field(default=None, metadata={"help": "Local validation text (.txt or .txt.gz)."})
@@ -87,7 +88,8 @@ def load_texts(data: DataArguments) -> dict:
         if data.validation_file is not None:
             splits["validation"] = Dataset.from_dict({"text": read_lines(data.validation_file, data.max_eval_samples)})
         return splits
-    raw = load_hub_dataset(data.dataset_name, data.dataset_config_name, "--train_file X.txt --validation_file Y.txt")
+    hint = "--train_file X.txt --validation_file Y.txt"
+    raw = load_hub_dataset(data.dataset_name, data.dataset_config_name, hint, revision=data.dataset_revision)
     splits = {"train": take(raw["train"], data.max_train_samples)}
     if "validation" in raw:
         splits["validation"] = take(raw["validation"], data.max_eval_samples)

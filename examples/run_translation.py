@@ -67,6 +67,7 @@ class DataArguments:
     source_lang: str = field(default="de", metadata={"help": "Source language key."})
     target_lang: str = field(default="en", metadata={"help": "Target language key."})
     dataset_name: str | None = field(default="bbaaaa/iwslt14-de-en", metadata={"help": "Hub dataset id."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision (branch, tag, commit)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config."})
     train_file: str | None = field(default=None, metadata={"help": "Local JSON lines (.jsonl[.gz])."})
     validation_file: str | None = field(default=None, metadata={"help": "Local JSON lines (.jsonl[.gz])."})
@@ -134,7 +135,7 @@ def load_pairs(data: DataArguments) -> dict[str, tuple[list[str], list[str]]]:
                 out[split] = (sources, targets)
         return out
     hint = "--train_source_file X.de --train_target_file X.en (and --validation_*), or --train_file X.jsonl"
-    raw = load_hub_dataset(data.dataset_name, data.dataset_config_name, hint)
+    raw = load_hub_dataset(data.dataset_name, data.dataset_config_name, hint, revision=data.dataset_revision)
     names = {"train": ["train"], "validation": ["validation", "valid", "dev"], "test": ["test"]}
     for split, candidates in names.items():
         found = next((raw[name] for name in candidates if name in raw), None)

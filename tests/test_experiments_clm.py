@@ -46,7 +46,8 @@ def test_resume_gives_the_same_final_loss_as_one_run(tmp_path):
     The resumed invocation gets another --seed: only a real resume (weights and RNG from the checkpoint)
     can then match; a run that silently started over would not. --data_seed keeps the batch order fixed."""
     common = [
-        "--data_seed", "0", "--optim", "adamp", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--weight_decay", "0.1",
+        "--data_seed", "0", "--optim", "adamp", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+        "--weight_decay", "0.1",
         "--per_device_train_batch_size", "4", "--logging_steps", "1", *clm_data_args(eval_lines=0), *QUIET,
     ]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

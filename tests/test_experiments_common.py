@@ -153,3 +153,26 @@ def test_bleu_offline_route_gives_sacrebleus_number(monkeypatch, tmp_path):
     assert bleu(refs, refs) == pytest.approx(100.0)
     with pytest.raises(ValueError, match="2 predictions but 3 references"):
         bleu(hyps[:2], refs)
+
+
+def test_script_datasets_fall_back_to_the_parquet_export(monkeypatch):
+    """bbaaaa/iwslt14-de-en still has a loading script, which datasets >= 4 refuses; the hub's Parquet export
+    loads instead. The hub is unreachable here, so load_dataset is replaced by a recorder (the only stand-in
+    in these tests) that raises datasets' own error for the main revision."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config_name=None, revision=None, **kwargs):
+        calls.append(revision)
+        if revision is None:
+            raise RuntimeError("Dataset scripts are no longer supported, but found iwslt14-de-en.py")
+        return {"train": []}
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert _common.load_hub_dataset("bbaaaa/iwslt14-de-en", None, "local files") == {"train": []}
+    assert calls == [None, "refs/convert/parquet"]
+    calls.clear()
+    with pytest.raises(_common.DataUnavailableError, match="scripts are no longer supported.*local files"):
+        _common.load_hub_dataset("x/y", None, "local files", revision="main")  # an explicit revision: no retry
+    assert calls == ["main"]
