@@ -245,3 +245,35 @@ def test_adamp_with_deepspeed_until_issue_4(one_rank, tmp_path):
     with pytest.raises(ShardingNotSupportedError, match="AdamP under DeepSpeed ZeRO stage 2"):
         run_clm(["--output_dir", str(tmp_path / "zero2"), "--deepspeed", str(CONFIGS / "deepspeed" / "zero2.json"),
                  *common])  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_wikitext
+def test_ddp_on_two_cpu_ranks_matches_one_process(tmp_path):
+    """run_clm.py under DDP on 2 CPU ranks (torchrun + --use_cpu, gloo) trains AdamP exactly like one process
+    with the same global batch: DDP hands every rank full parameters and averaged gradients. This is the
+    Trainer path configs/accelerate/ddp.yaml takes on GPUs. `accelerate launch --cpu --num_processes 2` is
+    not used: with that config (or a MULTI_CPU one) accelerate 1.15 silently starts ONE process here.
+    Sequential sampling and no dropout make the two runs see the same numbers."""
+    import subprocess
+    import sys
+
+    common = ["--optim", "adamp", "--learning_rate", "1e-2", "--weight_decay", "0.1", "--max_steps", "3",
+              "--train_sampling_strategy", "sequential", "--config_overrides", "resid_pdrop=0.0,embd_pdrop=0.0",
+              "--logging_steps", "1", "--save_strategy", "no", *clm_data_args(train_lines=100, eval_lines=0),
+              *QUIET]  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              str(ROOT / "examples" / "run_clm.py"), "--use_cpu", "true", "--output_dir", str(tmp_path / "ddp"),
+              "--per_device_train_batch_size", "2", *common]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_clm(["--output_dir", str(tmp_path / "single"), "--per_device_train_batch_size", "4", *common])
+
+    def run(name):
+        state = json.loads((tmp_path / name / "trainer_state.json").read_text())
+        return state["train_batch_size"], [e["loss"] for e in state["log_history"] if "loss" in e]
+
+    (ddp_batch, ddp_losses), (single_batch, single_losses) = run("ddp"), run("single")
+    assert (ddp_batch, single_batch) == (2, 4)
+    assert len(ddp_losses) == 3 and ddp_losses == pytest.approx(single_losses, rel=1e-5)
