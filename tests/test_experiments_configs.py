@@ -277,3 +277,54 @@ def test_ddp_on_two_cpu_ranks_matches_one_process(tmp_path):
     (ddp_batch, ddp_losses), (single_batch, single_losses) = run("ddp"), run("single")
     assert (ddp_batch, single_batch) == (2, 4)
     assert len(ddp_losses) == 3 and ddp_losses == pytest.approx(single_losses, rel=1e-5)
+
+
+# Test-only: accelerate picks no backend for several ranks on a machine without an accelerator (DESIGN.md
+# section 4), so every rank would think it is alone. This launcher makes it choose gloo / MULTI_CPU, then
+# runs the script unchanged. Real GPU launches need nothing like it.
+GLOO_LAUNCHER = """
+import os, runpy, sys
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+original = PartialState._prepare_backend
+
+def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "gloo", DistributedType.MULTI_CPU
+    return original(self, cpu, sagemaker_dp, backend)
+
+PartialState._prepare_backend = prepare_backend
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@needs_wikitext
+def test_zero2_json_on_two_cpu_ranks_matches_one_process(tmp_path):
+    """configs/deepspeed/zero2.json on 2 CPU ranks through Trainer + DeepSpeed (torchrun, gloo) gives the losses
+    of one process without DeepSpeed at the same global batch. adamw_torch: AdamP refuses ZeRO-2 until issue 4."""
+    import subprocess
+    import sys
+
+    launcher = tmp_path / "gloo_launch.py"
+    launcher.write_text(GLOO_LAUNCHER)
+    common = ["--optim", "adamw_torch", "--learning_rate", "1e-2", "--weight_decay", "0.1", "--max_steps", "3",
+              "--train_sampling_strategy", "sequential", "--config_overrides", "resid_pdrop=0.0,embd_pdrop=0.0",
+              "--logging_steps", "1", "--save_strategy", "no", *clm_data_args(train_lines=100, eval_lines=0),
+              *QUIET]  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              str(launcher), str(ROOT / "examples" / "run_clm.py"),
+              "--deepspeed", str(CONFIGS / "deepspeed" / "zero2.json"), "--output_dir", str(tmp_path / "zero2"),
+              "--per_device_train_batch_size", "2", *common]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_clm(["--output_dir", str(tmp_path / "single"), "--per_device_train_batch_size", "4", *common])
+
+    def losses(name):
+        state = json.loads((tmp_path / name / "trainer_state.json").read_text())
+        return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+    assert len(losses("zero2")) == 3 and losses("zero2") == pytest.approx(losses("single"), rel=1e-5)
