@@ -79,6 +79,8 @@ def setup_logging(training_args) -> None:
 
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
+    if training_args.disable_tqdm:  # the same switch for datasets' map/filter progress bars
+        datasets.disable_progress_bars()
 
 
 # ----- local files -----

@@ -40,14 +40,15 @@ def test_tiny_run_trains_evaluates_and_saves_plain_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_final_loss_as_one_run(tmp_path):
+@pytest.mark.parametrize("weight_norm", [False, True], ids=["plain", "weight_norm"])
+def test_resume_gives_the_same_final_loss_as_one_run(tmp_path, weight_norm):
     """2 steps + checkpoint, resume to step 4 == 4 steps straight (AdamP state, data order, RNG restored).
 
     The resumed invocation gets another --seed: only a real resume (weights and RNG from the checkpoint)
     can then match; a run that silently started over would not. --data_seed keeps the batch order fixed."""
     common = [
         "--data_seed", "0", "--optim", "adamp", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
-        "--weight_decay", "0.1",
+        "--weight_decay", "0.1", "--weight_norm", str(weight_norm).lower(),
         "--per_device_train_batch_size", "4", "--logging_steps", "1", *clm_data_args(eval_lines=0), *QUIET,
     ]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
