@@ -8,11 +8,14 @@ finds it there and reuses it, and every checkpoint carries a copy (Trainer saves
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 
 logger = logging.getLogger("hf_adamp.examples")
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "source.spm")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, append_eos: bool):
@@ -55,20 +58,25 @@ def load_or_train_tokenizer(
     vocab_size: int,
     append_eos: bool,
 ):
-    """Pick the tokenizer: --tokenizer_name, else the pretrained model's, else the run's saved one,
-    else train one on ``texts_for_training()`` (a callable, so the text is only read when needed)."""
+    """Pick the tokenizer: --tokenizer_name, else the pretrained model's, else the one saved in the run's
+    output directory (resume), else train one on ``texts_for_training()`` (a callable: read only if needed)."""
     from _common import has_tokenizer
     from transformers import AutoTokenizer
 
-    source = tokenizer_name or model_name_or_path
-    if source is not None:
+    if tokenizer_name is not None:
+        return AutoTokenizer.from_pretrained(tokenizer_name)
+    if model_name_or_path is not None:  # a pretrained model needs its own vocabulary, never a fresh one
         try:
-            return AutoTokenizer.from_pretrained(source)
+            if os.path.isdir(model_name_or_path) and not any(
+                os.path.isfile(os.path.join(model_name_or_path, name)) for name in TOKENIZER_FILES
+            ):  # transformers 5 would build an empty tokenizer from config.json alone
+                raise OSError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in the directory")
+            return AutoTokenizer.from_pretrained(model_name_or_path)
         except (OSError, ValueError) as err:
-            if tokenizer_name is not None:
-                raise
-            if not has_tokenizer(run_dir):
-                logger.warning("No tokenizer in %s (%s); training one on the training text", source, err)
+            raise ValueError(
+                f"Could not load the tokenizer of {model_name_or_path} ({type(err).__name__}: {str(err)[:200]}). "
+                "Pass --tokenizer_name with the tokenizer the model was trained with."
+            ) from err
     if has_tokenizer(run_dir):
         logger.info("Reusing the tokenizer saved in %s", run_dir)
         return AutoTokenizer.from_pretrained(run_dir)

@@ -113,5 +113,11 @@ def test_bad_inputs_are_refused(tmp_path):
         run_clm(["--output_dir", str(tmp_path), "--validation_file", "v.txt", *QUIET])
     with pytest.raises(ValueError, match="fewer than one block of 4096"):
         run_clm(["--output_dir", str(tmp_path), *clm_data_args(train_lines=3), "--block_size", "4096", *QUIET])
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=300)).save_pretrained(tmp_path / "no_tok")
+    with pytest.raises(ValueError, match="Could not load the tokenizer of .*no_tok.*--tokenizer_name"):
+        run_clm(["--output_dir", str(tmp_path), "--model_name_or_path", str(tmp_path / "no_tok"),
+                 *clm_data_args(train_lines=20, eval_lines=0), *QUIET])  # fmt: skip
     with pytest.raises(FileNotFoundError, match="Data file not found"):
         run_clm(["--output_dir", str(tmp_path), "--train_file", str(tmp_path / "none.txt"), *QUIET])
