@@ -328,3 +328,32 @@ def test_zero2_json_on_two_cpu_ranks_matches_one_process(tmp_path):
         return [e["loss"] for e in state["log_history"] if "loss" in e]
 
     assert len(losses("zero2")) == 3 and losses("zero2") == pytest.approx(losses("single"), rel=1e-5)
+
+
+@pytest.mark.slow
+@needs_wikitext
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3_offload"])
+def test_accelerate_deepspeed_config_reaches_the_trainer(tmp_path, name):
+    """`accelerate launch --config_file configs/accelerate/<name>.yaml` (one CPU process) makes the Trainer train
+    under the DeepSpeed JSON it names: the checkpoint is DeepSpeed's, written by that ZeRO stage and config."""
+    import subprocess
+    import sys
+
+    import torch
+
+    pytest.importorskip("deepspeed")
+    config = CONFIGS / "accelerate" / f"{name}.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",
+           "--main_process_port", str(free_port()), str(ROOT / "examples" / "run_clm.py"),
+           "--output_dir", str(tmp_path), "--optim", "radam", "--max_steps", "2", "--save_steps", "2",
+           "--per_device_train_batch_size", "2",
+           *clm_data_args(train_lines=100, eval_lines=0), *QUIET]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # paths from the root
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = tmp_path / "checkpoint-2" / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    saved = torch.load(states, weights_only=False)["ds_config"]
+    expected = json.loads((CONFIGS / "deepspeed" / f"{name.removeprefix('deepspeed_')}.json").read_text())
+    assert saved["zero_optimization"]["stage"] == expected["zero_optimization"]["stage"]
+    assert saved.get("zero_force_ds_cpu_optimizer", True) == expected.get("zero_force_ds_cpu_optimizer", True)
+    assert ("offload_optimizer" in saved["zero_optimization"]) == name.endswith("_offload")
