@@ -3,9 +3,8 @@
 - experiment YAMLs: parse with the scripts' HfArgumentParser; paired configs differ only in what they compare;
   paper-scale models are counted on the meta device; every CPU-scale config trains 2 steps for real.
 - accelerate YAMLs: load with accelerate's own config loader; DeepSpeed JSONs: no "optimizer" section,
-  and ZeRO-2, ZeRO-3 and ZeRO-2-Offload each run through run_clm.py + Trainer + DeepSpeed in one CPU process.
-  AdamP/SGDP refuse ZeRO-2/3 until the sharding layouts of issue 4 land (hf_adamp raises
-  ShardingNotSupportedError), so those runs use adamw_torch and radam (element-wise, exact under ZeRO as is).
+  and ZeRO-2, ZeRO-3 and ZeRO-2-Offload each run through run_clm.py + Trainer + DeepSpeed in one CPU process;
+  zero2.json also on 2 CPU ranks with AdamP (sharding layouts attached by hf_adamp), against one process.
 FSDP2 cannot run on CPU through accelerate/Trainer (DESIGN.md section 4): its config is only loaded and checked.
 """
 
@@ -231,20 +230,16 @@ def test_deepspeed_config_runs_with_the_trainer(one_rank, monkeypatch, tmp_path,
 
 @pytest.mark.slow
 @needs_wikitext
-def test_adamp_with_deepspeed_until_issue_4(one_rank, tmp_path):
-    """AdamP runs under DeepSpeed ZeRO stage 0 (full parameters) and, with the checked-in ZeRO-2 JSON, stops with
-    a clear error instead of silently acting as AdamW. When issue 4's layouts land, the second half must flip."""
-    from hf_adamp.integrations import ShardingNotSupportedError
-
+def test_adamp_with_deepspeed_stage0_and_zero2(one_rank, tmp_path):
+    """AdamP runs under DeepSpeed ZeRO stage 0 (full parameters) and under the checked-in ZeRO-2 JSON (flat
+    partitions, mapped back to parameter rows by the layout hf_adamp attaches at prepare time)."""
     stage0 = json.loads((CONFIGS / "deepspeed" / "zero2.json").read_text())
     stage0["zero_optimization"] = {"stage": 0}
     common = ["--optim", "adamp", "--max_steps", "2", "--save_strategy", "no", "--per_device_train_batch_size", "2",
               *clm_data_args(train_lines=100, eval_lines=0), *QUIET]  # fmt: skip
-    run_clm(["--output_dir", str(tmp_path / "zero0"), "--deepspeed", json.dumps(stage0), *common])
-    assert json.loads((tmp_path / "zero0" / "trainer_state.json").read_text())["global_step"] == 2
-    with pytest.raises(ShardingNotSupportedError, match="AdamP under DeepSpeed ZeRO stage 2"):
-        run_clm(["--output_dir", str(tmp_path / "zero2"), "--deepspeed", str(CONFIGS / "deepspeed" / "zero2.json"),
-                 *common])  # fmt: skip
+    for name, config in (("zero0", json.dumps(stage0)), ("zero2", str(CONFIGS / "deepspeed" / "zero2.json"))):
+        run_clm(["--output_dir", str(tmp_path / name), "--deepspeed", config, *common])
+        assert json.loads((tmp_path / name / "trainer_state.json").read_text())["global_step"] == 2
 
 
 @pytest.mark.slow
@@ -304,16 +299,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 @needs_wikitext
 def test_zero2_json_on_two_cpu_ranks_matches_one_process(tmp_path):
     """configs/deepspeed/zero2.json on 2 CPU ranks through Trainer + DeepSpeed (torchrun, gloo) gives the losses
-    of one process without DeepSpeed at the same global batch. adamw_torch: AdamP refuses ZeRO-2 until issue 4."""
+    of one process without DeepSpeed at the same global batch, with AdamP on a weight-normalised model (so the
+    projection is taken on the sharded rows)."""
     import subprocess
     import sys
 
     launcher = tmp_path / "gloo_launch.py"
     launcher.write_text(GLOO_LAUNCHER)
-    common = ["--optim", "adamw_torch", "--learning_rate", "1e-2", "--weight_decay", "0.1", "--max_steps", "3",
-              "--train_sampling_strategy", "sequential", "--config_overrides", "resid_pdrop=0.0,embd_pdrop=0.0",
-              "--logging_steps", "1", "--save_strategy", "no", *clm_data_args(train_lines=100, eval_lines=0),
-              *QUIET]  # fmt: skip
+    common = ["--optim", "adamp", "--weight_norm", "--learning_rate", "1e-2", "--weight_decay", "0.1",
+              "--max_steps", "3", "--train_sampling_strategy", "sequential",
+              "--config_overrides", "resid_pdrop=0.0,embd_pdrop=0.0", "--logging_steps", "1", "--save_strategy", "no",
+              *clm_data_args(train_lines=100, eval_lines=0), *QUIET]  # fmt: skip
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
               str(launcher), str(ROOT / "examples" / "run_clm.py"),
               "--deepspeed", str(CONFIGS / "deepspeed" / "zero2.json"), "--output_dir", str(tmp_path / "zero2"),
