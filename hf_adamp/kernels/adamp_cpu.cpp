@@ -19,8 +19,7 @@
 
 namespace {
 
-// Row sums accumulate in T inside blocks of this many elements (vectorised), then in double across blocks,
-// so long rows keep double-like accuracy.
+// Elements per block of the row sums (see blocked_sums).
 constexpr int64_t kBlock = 512;
 // Elements of work per thread below which a call stays on one thread.
 constexpr int64_t kGrain = 1 << 15;
@@ -70,40 +69,72 @@ double read_scalar(const torch::Tensor& t, int64_t index, double* as_plain, doub
   return value;
 }
 
+// Row sums of elem(j, gp, gg, pp, pu) over [lo, hi), added into out[4]. Accumulates in T over short blocks
+// with per-lane accumulators (vectorises without reassociation flags), then in double across blocks, so long
+// rows keep double-like accuracy.
+template <typename T, typename F>
+inline void blocked_sums(int64_t lo, int64_t hi, double* out, const F& elem) {
+  constexpr int L = 64 / sizeof(T);  // lanes: two AVX2 vectors
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int64_t be = std::min(hi, b0 + kBlock);
+    T a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
+    int64_t j = b0;
+    for (; j + L <= be; j += L) {
+#pragma omp simd
+      for (int l = 0; l < L; ++l) elem(j + l, a0[l], a1[l], a2[l], a3[l]);
+    }
+    for (; j < be; ++j) elem(j, a0[0], a1[0], a2[0], a3[0]);
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int l = 0; l < L; ++l) s0 += a0[l], s1 += a1[l], s2 += a2[l], s3 += a3[l];
+    out[0] += s0, out[1] += s1, out[2] += s2, out[3] += s3;
+  }
+}
+
+// Element-wise loop over [lo, hi) (no sums).
+template <typename F>
+inline void elementwise(int64_t lo, int64_t hi, const F& elem) {
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) elem(j);
+}
+
 // ------------------------------------------------------------------------------------------------ AdamP
 template <typename P, typename T, int MODE, bool NEST>
 void adam_pass1_impl(const P* g, P* p, T* m, T* v, int64_t rows, int64_t len, const AdamScalars& s,
                      std::vector<double>* sums) {
-  const T b1 = s.beta1, b2 = s.beta2, ob1 = 1 - s.beta1, ob2 = 1 - s.beta2, eps = s.eps_s, step = s.step;
-  const T decay = s.decay, sign = s.maximize ? -1 : 1;
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
+    // locals, not captures: the compiler keeps them in registers (a captured reference might alias m or p)
+    const T b1 = s.beta1, b2 = s.beta2, ob1 = 1 - s.beta1, ob2 = 1 - s.beta2, eps = s.eps_s, step = s.step;
+    const T decay = s.decay, sign = s.maximize ? -1 : 1;
+    auto moments = [&](int64_t j, T& gj, T& uj) {
+      gj = sign * up<T>(g[j]);
+      const T mj = b1 * m[j] + ob1 * gj;
+      const T vj = b2 * v[j] + ob2 * gj * gj;
+      m[j] = mj;
+      v[j] = vj;
+      uj = (NEST ? b1 * mj + ob1 * gj : mj) / (std::sqrt(vj) + eps);
+    };
+    if constexpr (MODE == kFull) {
+      elementwise(r0 * len, r1 * len, [&](int64_t j) {
+        T gj, uj;
+        moments(j, gj, uj);
+        p[j] = static_cast<P>(up<T>(p[j]) * decay - step * uj);
+      });
+      return;
+    }
     for (int64_t r = r0; r < r1; ++r) {
-      double gp = 0, gg = 0, pp = 0, pu = 0;
-      for (int64_t b0 = r * len; b0 < (r + 1) * len; b0 += kBlock) {
-        const int64_t b1e = std::min((r + 1) * len, b0 + kBlock);
-        T bgp = 0, bgg = 0, bpp = 0, bpu = 0;
-#pragma omp simd reduction(+ : bgp, bgg, bpp, bpu)
-        for (int64_t j = b0; j < b1e; ++j) {
-          const T gj = sign * up<T>(g[j]);
-          const T pj = up<T>(p[j]);
-          const T mj = b1 * m[j] + ob1 * gj;
-          const T vj = b2 * v[j] + ob2 * gj * gj;
-          m[j] = mj;
-          v[j] = vj;
-          const T uj = (NEST ? b1 * mj + ob1 * gj : mj) / (std::sqrt(vj) + eps);
-          if (MODE != kFull) {
-            bgp += gj * pj;
-            bgg += gj * gj;
-            bpp += pj * pj;
-            bpu += pj * uj;
-          }
-          if (MODE != kFirst) p[j] = static_cast<P>(pj * decay - step * uj);
-        }
-        gp += bgp, gg += bgg, pp += bpp, pu += bpu;
-      }
-      if (MODE != kFull) {
-        (*sums)[r] = gp, (*sums)[rows + r] = gg, (*sums)[2 * rows + r] = pp, (*sums)[3 * rows + r] = pu;
-      }
+      double acc[4] = {0, 0, 0, 0};
+      blocked_sums<T>(r * len, (r + 1) * len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+        T gj, uj;
+        moments(j, gj, uj);
+        const T pj = up<T>(p[j]);
+        gp += gj * pj;
+        gg += gj * gj;
+        pp += pj * pj;
+        pu += pj * uj;
+        if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - step * uj);
+      });
+      double* out = sums->data();
+      out[r] = acc[0], out[rows + r] = acc[1], out[2 * rows + r] = acc[2], out[3 * rows + r] = acc[3];
     }
   });
 }
@@ -112,11 +143,13 @@ void adam_pass1_impl(const P* g, P* p, T* m, T* v, int64_t rows, int64_t len, co
 template <typename P, typename T, bool NEST, bool REPAIR>
 int64_t adam_pass2_impl(const P* g, P* p, const T* m, const T* v, const T* coef, int64_t rows, int64_t len,
                         const AdamScalars& s, double decay_slot, double decay_plain) {
-  const T b1 = s.beta1, ob1 = 1 - s.beta1, eps = s.eps_s, step = s.step;
-  const T d = decay_slot, d_spec = s.decay, sign = s.maximize ? -1 : 1;
   const bool plain_decay = decay_slot == decay_plain;
+  if (REPAIR && plain_decay && std::all_of(coef, coef + rows, [](T c) { return c == 0; }))
+    return 0;  // the speculation was right: no parallel region at all
   std::vector<char> touched(rows, 0);
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
+    const T b1 = s.beta1, ob1 = 1 - s.beta1, eps = s.eps_s, step = s.step;
+    const T d = decay_slot, d_spec = s.decay, sign = s.maximize ? -1 : 1;
     for (int64_t r = r0; r < r1; ++r) {
       const T c = coef[r];
       const bool projected = c != 0 || !plain_decay;
@@ -141,33 +174,36 @@ int64_t adam_pass2_impl(const P* g, P* p, const T* m, const T* v, const T* coef,
 template <typename P, typename T, int MODE, bool NEST>
 void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const SgdScalars& s,
                     std::vector<double>* sums) {
-  const T mu = s.momentum, damp1 = s.damp1, lr = s.lr, decay = s.decay, sign = s.maximize ? -1 : 1;
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
+    const T mu = s.momentum, damp1 = s.damp1, lr = s.lr, decay = s.decay, sign = s.maximize ? -1 : 1;
+    auto momentum = [&](int64_t j, T& gj, T& dj) {
+      gj = sign * up<T>(g[j]);
+      const T bj = mu * b[j] + damp1 * gj;
+      b[j] = bj;
+      dj = NEST ? gj + mu * bj : bj;
+    };
+    if constexpr (MODE == kFull) {
+      elementwise(r0 * len, r1 * len, [&](int64_t j) {
+        T gj, dj;
+        momentum(j, gj, dj);
+        p[j] = static_cast<P>(up<T>(p[j]) * decay - lr * dj);
+      });
+      return;
+    }
     for (int64_t r = r0; r < r1; ++r) {
-      double gp = 0, gg = 0, pp = 0, pu = 0;
-      for (int64_t b0 = r * len; b0 < (r + 1) * len; b0 += kBlock) {
-        const int64_t b1e = std::min((r + 1) * len, b0 + kBlock);
-        T bgp = 0, bgg = 0, bpp = 0, bpu = 0;
-#pragma omp simd reduction(+ : bgp, bgg, bpp, bpu)
-        for (int64_t j = b0; j < b1e; ++j) {
-          const T gj = sign * up<T>(g[j]);
-          const T pj = up<T>(p[j]);
-          const T bj = mu * b[j] + damp1 * gj;
-          b[j] = bj;
-          const T dj = NEST ? gj + mu * bj : bj;
-          if (MODE != kFull) {
-            bgp += gj * pj;
-            bgg += gj * gj;
-            bpp += pj * pj;
-            bpu += pj * dj;
-          }
-          if (MODE != kFirst) p[j] = static_cast<P>(pj * decay - lr * dj);
-        }
-        gp += bgp, gg += bgg, pp += bpp, pu += bpu;
-      }
-      if (MODE != kFull) {
-        (*sums)[r] = gp, (*sums)[rows + r] = gg, (*sums)[2 * rows + r] = pp, (*sums)[3 * rows + r] = pu;
-      }
+      double acc[4] = {0, 0, 0, 0};
+      blocked_sums<T>(r * len, (r + 1) * len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+        T gj, dj;
+        momentum(j, gj, dj);
+        const T pj = up<T>(p[j]);
+        gp += gj * pj;
+        gg += gj * gj;
+        pp += pj * pj;
+        pu += pj * dj;
+        if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - lr * dj);
+      });
+      double* out = sums->data();
+      out[r] = acc[0], out[rows + r] = acc[1], out[2 * rows + r] = acc[2], out[3 * rows + r] = acc[3];
     }
   });
 }
@@ -177,10 +213,12 @@ void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const Sgd
 template <typename P, typename T, bool NEST, bool REPAIR>
 int64_t sgd_pass2_impl(const P* g, P* p, T* b, const T* coef, int64_t rows, int64_t len, const SgdScalars& s,
                        double decay_slot, double decay_plain) {
-  const T mu = s.momentum, lr = s.lr, d = decay_slot, d_spec = s.decay, sign = s.maximize ? -1 : 1;
   const bool plain_decay = decay_slot == decay_plain;
+  if (REPAIR && plain_decay && std::all_of(coef, coef + rows, [](T c) { return c == 0; }))
+    return 0;  // the speculation was right: no parallel region at all
   std::vector<char> touched(rows, 0);
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
+    const T mu = s.momentum, lr = s.lr, d = decay_slot, d_spec = s.decay, sign = s.maximize ? -1 : 1;
     for (int64_t r = r0; r < r1; ++r) {
       const T c = coef[r];
       const bool projected = c != 0 || !plain_decay;
