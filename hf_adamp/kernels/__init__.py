@@ -51,7 +51,7 @@ def _build() -> ModuleType:
     return cpp_extension.load(
         name=name,
         sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *flags],
+        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", *flags],
         extra_ldflags=["-fopenmp"],
         with_cuda=False,
         verbose=False,

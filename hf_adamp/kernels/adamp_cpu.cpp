@@ -160,8 +160,13 @@ int64_t adam_pass2_impl(const P* g, P* p, const T* m, const T* v, const T* coef,
         const T mj = m[j];
         const T num = NEST ? b1 * mj + ob1 * (sign * up<T>(g[j])) : mj;
         const T uj = num / (std::sqrt(v[j]) + eps);
-        const T pj = REPAIR ? (up<T>(p[j]) + step * uj) / d_spec : up<T>(p[j]);
-        p[j] = static_cast<P>(pj * d - step * (uj - pj * c));
+        if constexpr (REPAIR) {  // in double: the only error left is the rounding of the speculated weight
+          const double pj = (static_cast<double>(p[j]) + static_cast<double>(step) * uj) / d_spec;
+          p[j] = static_cast<P>(pj * d - static_cast<double>(step) * (uj - pj * c));
+        } else {
+          const T pj = up<T>(p[j]);
+          p[j] = static_cast<P>(pj * d - step * (uj - pj * c));
+        }
       }
     }
   });
@@ -229,10 +234,17 @@ int64_t sgd_pass2_impl(const P* g, P* p, T* b, const T* coef, int64_t rows, int6
       for (int64_t j = r * len; j < (r + 1) * len; ++j) {
         const T bj = b[j];
         const T dj = NEST ? sign * up<T>(g[j]) + mu * bj : bj;
-        const T pj = REPAIR ? (up<T>(p[j]) + lr * dj) / d_spec : up<T>(p[j]);
-        const T dp = dj - pj * c;
-        if (write_buf) b[j] = dp;
-        p[j] = static_cast<P>(pj * d - lr * dp);
+        if constexpr (REPAIR) {  // in double, as for AdamP
+          const double pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * dj) / d_spec;
+          const double dp = dj - pj * c;
+          if (write_buf) b[j] = static_cast<T>(dp);
+          p[j] = static_cast<P>(pj * d - static_cast<double>(lr) * dp);
+        } else {
+          const T pj = up<T>(p[j]);
+          const T dp = dj - pj * c;
+          if (write_buf) b[j] = dp;
+          p[j] = static_cast<P>(pj * d - lr * dp);
+        }
       }
     }
   });
