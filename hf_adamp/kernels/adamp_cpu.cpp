@@ -259,6 +259,20 @@ void check_run(const torch::Tensor& t, int64_t start, int64_t n, const char* wha
   TORCH_CHECK(start >= 0 && start + n <= t.numel(), "hf_adamp fused: run out of range of ", what);
 }
 
+// The tensors of one parameter are addressed as flat storage from data_ptr: they must share the parameter's
+// dense layout, with the first dimension outermost (rows are contiguous), as hf_adamp.optim._base.flat needs.
+void check_tensors(std::initializer_list<const torch::Tensor*> tensors, const torch::Tensor& param, int64_t start,
+                   int64_t n) {
+  TORCH_CHECK(param.is_non_overlapping_and_dense(), "hf_adamp fused: the parameter is not dense");
+  TORCH_CHECK(param.dim() <= 1 || param.stride(0) * param.size(0) == param.numel(),
+              "hf_adamp fused: the parameter's first dimension is not outermost");
+  for (const auto* t : tensors) {
+    check_run(*t, start, n, "a tensor");
+    TORCH_CHECK(t->sizes() == param.sizes() && t->strides() == param.strides(),
+                "hf_adamp fused: gradient or state laid out unlike the parameter");
+  }
+}
+
 // Calls fn with the parameter type P and the state type T of a (param, state) pair.
 template <typename F>
 void dispatch(const torch::Tensor& param, const torch::Tensor& state, const F& fn) {
@@ -281,12 +295,12 @@ void dispatch(const torch::Tensor& param, const torch::Tensor& state, const F& f
   }
 }
 
-// Flat tensors (contiguous 1-D views); a run is [start, start + rows * len).
+// A run is the elements [start, start + rows * len) of the tensors' storage, viewed as (rows, len).
 void adam_first(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
                 int64_t start, int64_t rows, int64_t len, int64_t mode, torch::Tensor stats, int64_t stat_row,
                 double beta1, double beta2, double eps_s, double step, double decay, bool nesterov, bool maximize) {
   const int64_t n = rows * len;
-  for (auto* t : {&grad, &param, &exp_avg, &exp_avg_sq}) check_run(*t, start, n, "a tensor");
+  check_tensors({&grad, &param, &exp_avg, &exp_avg_sq}, param, start, n);
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
   const AdamScalars s{beta1, beta2, eps_s, step, decay, nesterov, maximize};
   std::vector<double> sums(mode == kFull ? 0 : 4 * rows);
@@ -322,7 +336,7 @@ int64_t adam_second(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_a
                     torch::Tensor decay, int64_t slot, double beta1, double eps_s, double step, double decay_spec,
                     double decay_plain, bool nesterov, bool maximize) {
   const int64_t n = rows * len;
-  for (auto* t : {&grad, &param, &exp_avg, &exp_avg_sq}) check_run(*t, start, n, "a tensor");
+  check_tensors({&grad, &param, &exp_avg, &exp_avg_sq}, param, start, n);
   TORCH_CHECK(coef.scalar_type() == exp_avg.scalar_type(), "hf_adamp fused: coef dtype differs from the state");
   check_run(coef, stat_row, rows, "coef");
   double plain_rounded = 0;
@@ -353,7 +367,7 @@ void sgd_first(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_b
                int64_t len, int64_t mode, torch::Tensor stats, int64_t stat_row, double momentum, double dampening,
                double lr, double decay, bool nesterov, bool maximize) {
   const int64_t n = rows * len;
-  for (auto* t : {&grad, &param, &momentum_buffer}) check_run(*t, start, n, "a tensor");
+  check_tensors({&grad, &param, &momentum_buffer}, param, start, n);
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
   const SgdScalars s{momentum, 1 - dampening, lr, decay, nesterov, maximize};
   std::vector<double> sums(mode == kFull ? 0 : 4 * rows);
@@ -388,7 +402,7 @@ int64_t sgd_second(torch::Tensor grad, torch::Tensor param, torch::Tensor moment
                    int64_t slot, double momentum, double lr, double decay_spec, double decay_plain, bool nesterov,
                    bool maximize) {
   const int64_t n = rows * len;
-  for (auto* t : {&grad, &param, &momentum_buffer}) check_run(*t, start, n, "a tensor");
+  check_tensors({&grad, &param, &momentum_buffer}, param, start, n);
   TORCH_CHECK(coef.scalar_type() == momentum_buffer.scalar_type(), "hf_adamp fused: coef dtype differs from state");
   check_run(coef, stat_row, rows, "coef");
   double plain_rounded = 0;

@@ -39,7 +39,7 @@ class Plan:
 
     runs: list[Segment]
     modes: list[int]
-    tensors: list[Tensor]  # flat views: grad, param, then the state tensors
+    tensors: list[Tensor]  # grad, param, then the state tensors (the kernels address their storage)
 
 
 def usable(item: Item, state_keys: tuple[str, ...]) -> bool:
@@ -83,19 +83,34 @@ def merge_runs(segments: list[Segment]) -> list[Segment]:
 def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decay: float) -> Plan:
     """Runs and their pass-1 modes, from what the previous step decided for each run."""
     projected_before = _memory(opt)
-    runs = merge_runs(item.segments)
-    speculate = state_dtype(item.param) == item.param.dtype and decay >= _MIN_SPEC_DECAY
     key = id(item.param)
+    segs = item.segments
+    cached = _runs_cache(opt).get(key)
+    signature = (len(segs), segs[0], segs[-1], id(getattr(opt, "_layout", None)))
+    if cached is not None and cached[0] == signature:
+        runs = cached[1]
+    else:
+        flat(item.param)  # raises, with advice, where the rows are not contiguous in memory
+        runs = merge_runs(segs)
+        _runs_cache(opt)[key] = (signature, runs)
+    speculate = state_dtype(item.param) == item.param.dtype and decay >= _MIN_SPEC_DECAY
     modes = [
         FULL if run.slot < 0 else SPEC if speculate and not projected_before.get((key, run.start), False) else FIRST
         for run in runs
     ]
-    tensors = [flat(item.grad), flat(item.param)] + [flat(item.state[k]) for k in state_keys]
-    return Plan(runs, modes, tensors)
+    return Plan(runs, modes, [item.grad, item.param] + [item.state[k] for k in state_keys])
 
 
 def remember(opt: Any, item: Item, run: Segment, projected_rows: int) -> None:
     _memory(opt)[id(item.param), run.start] = projected_rows > 0
+
+
+def _runs_cache(opt: Any) -> dict[int, tuple[tuple, list[Segment]]]:
+    # merged runs per tensor, reused while its segments are the same (they are rebuilt every step)
+    cache = opt.__dict__.get("_fused_runs")
+    if cache is None:
+        cache = opt.__dict__["_fused_runs"] = {}
+    return cache
 
 
 def _memory(opt: Any) -> dict[tuple[int, int], bool]:
