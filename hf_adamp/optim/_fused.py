@@ -86,13 +86,12 @@ def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decay: float) -> Pla
     key = id(item.param)
     segs = item.segments
     cached = _runs_cache(opt).get(key)
-    signature = (len(segs), segs[0], segs[-1], id(getattr(opt, "_layout", None)))
-    if cached is not None and cached[0] == signature:
+    if cached is not None and cached[0] == segs:  # a cheap comparison of small tuples, no merging
         runs = cached[1]
     else:
         flat(item.param)  # raises, with advice, where the rows are not contiguous in memory
         runs = merge_runs(segs)
-        _runs_cache(opt)[key] = (signature, runs)
+        _runs_cache(opt)[key] = (list(segs), runs)
     speculate = state_dtype(item.param) == item.param.dtype and decay >= _MIN_SPEC_DECAY
     modes = [
         FULL if run.slot < 0 else SPEC if speculate and not projected_before.get((key, run.start), False) else FIRST
@@ -105,7 +104,7 @@ def remember(opt: Any, item: Item, run: Segment, projected_rows: int) -> None:
     _memory(opt)[id(item.param), run.start] = projected_rows > 0
 
 
-def _runs_cache(opt: Any) -> dict[int, tuple[tuple, list[Segment]]]:
+def _runs_cache(opt: Any) -> dict[int, tuple[list[Segment], list[Segment]]]:
     # merged runs per tensor, reused while its segments are the same (they are rebuilt every step)
     cache = opt.__dict__.get("_fused_runs")
     if cache is None:
