@@ -76,7 +76,8 @@ def available() -> bool:
             build_seconds = time.perf_counter() - t0
             return True
         except Exception as exc:  # any build or load failure means: use the eager path
-            _failed = f"build failed ({type(exc).__name__}: {str(exc).strip().splitlines()[-1:] or ''})"
+            last = (str(exc).strip().splitlines() or [""])[-1]
+            _failed = f"build failed ({type(exc).__name__}: {last})"
     logger.warning("hf_adamp: fused CPU kernels unavailable (%s); using the eager path", _failed)
     return False
 
