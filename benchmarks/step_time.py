@@ -7,6 +7,7 @@ resident before it (Linux: VmHWM after clearing it).
 
     python benchmarks/step_time.py --model gpt2-small --rounds 15
     python benchmarks/step_time.py --model small --only adamp,adamw
+    python benchmarks/step_time.py --only "adamw(fused),sgd(fused),hf_adamp.adamp,hf_adamp.sgdp" --skip plain
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def candidates(params: list[torch.Tensor], lr: float) -> dict[str, Callable[[], 
         "hf_adamp.AdamP": lambda: hf_adamp.AdamP(params, lr=lr, weight_decay=wd),
         "hf_adamp.AdamP(plain)": lambda: hf_adamp.AdamP(params, lr=lr, weight_decay=wd, foreach=False),
         "hf_adamp.SGDP": lambda: hf_adamp.SGDP(params, lr=lr, momentum=0.9, weight_decay=wd),
+        # delta=0 never projects: the step's cost when no tensor needs the second pass of an exact projection
+        "hf_adamp.AdamP(delta=0)": lambda: hf_adamp.AdamP(params, lr=lr, weight_decay=wd, delta=0.0),
+        "hf_adamp.SGDP(delta=0)": lambda: hf_adamp.SGDP(params, lr=lr, momentum=0.9, weight_decay=wd, delta=0.0),
         "hf_adamp.RAdam": lambda: hf_adamp.RAdam(params, lr=lr, weight_decay=wd),
         "torch.AdamW(for-loop)": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False),
         "torch.AdamW(foreach)": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=True),
@@ -106,6 +110,7 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="gpt2-small")
     ap.add_argument("--rounds", type=int, default=11, help="timed rounds (after 2 warm-up rounds)")
     ap.add_argument("--only", default="", help="comma-separated substrings; keep optimizers whose name has one")
+    ap.add_argument("--skip", default="", help="comma-separated substrings; drop optimizers whose name has one")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -127,6 +132,9 @@ def main() -> None:
     if args.only:
         keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
         makers = {name: m for name, m in makers.items() if any(k in name.lower() for k in keys)}
+    if args.skip:
+        drop = [k.strip().lower() for k in args.skip.split(",") if k.strip()]
+        makers = {name: m for name, m in makers.items() if not any(k in name.lower() for k in drop)}
     opts = {name: make() for name, make in makers.items()}
     times: dict[str, list[float]] = {name: [] for name in opts}
     mem: dict[str, list[float]] = {name: [] for name in opts}

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import projection
+from .. import kernels, projection
+from . import _fused
 from ._base import (
     Item,
     ProjectedOptimizer,
@@ -154,6 +155,8 @@ class AdamP(ProjectedOptimizer):
 
     # ----- fast path: the same maths in cache-sized chunks, update recomputed in the second half -----
     def _first_fast(self, item: Item, stats: Tensor) -> None:
+        if _fused.usable(item, _STATE):
+            return self._first_kernel(item, stats)
         if _fusable(item):
             return self._first_fused(item, stats)
         s, group = item.scalars, item.group
@@ -181,6 +184,9 @@ class AdamP(ProjectedOptimizer):
             self._row_sums(stats, seg, g, p, u, tmp)
 
     def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
+        plan = item.extra.pop("fused", None)
+        if plan is not None:
+            return self._second_kernel(item, coef, decay, plan)
         s, group = item.scalars, item.group
         if all(seg.slot < 0 for seg in item.segments):
             return
@@ -208,6 +214,34 @@ class AdamP(ProjectedOptimizer):
             p.add_(u, alpha=step)
             if upcast:
                 seg_view(f_p, seg).copy_(p)
+
+    # ----- fused kernels (hf_adamp.kernels): one call per run, no chunking -----
+    def _first_kernel(self, item: Item, stats: Tensor) -> None:
+        s, group = item.scalars, item.group
+        plan = _fused.plan(self, item, _STATE, s["decay"])
+        first = kernels.module().adam_first
+        eps_s, step = s["eps"] * s["sqrt_bc2"], s["step_size"] * s["sqrt_bc2"]
+        for run, mode in zip(plan.runs, plan.modes):
+            first(
+                *plan.tensors, run.start, run.rows, run.row_len, mode, stats, max(run.stat_row, 0),
+                s["beta1"], s["beta2"], eps_s, step, s["decay"], group["nesterov"], group["maximize"],
+            )  # fmt: skip
+        if any(mode != _fused.FULL for mode in plan.modes):
+            item.extra["fused"] = plan
+
+    def _second_kernel(self, item: Item, coef: Tensor, decay: Tensor, plan: _fused.Plan) -> None:
+        s, group = item.scalars, item.group
+        second = kernels.module().adam_second
+        eps_s, step = s["eps"] * s["sqrt_bc2"], s["step_size"] * s["sqrt_bc2"]
+        for run, mode in zip(plan.runs, plan.modes):
+            if mode == _fused.FULL:
+                continue
+            projected_rows = second(
+                *plan.tensors, run.start, run.rows, run.row_len, mode == _fused.SPEC, coef, run.stat_row,
+                decay, run.slot, s["beta1"], eps_s, step, s["decay"], s["decay"], group["nesterov"],
+                group["maximize"],
+            )  # fmt: skip
+            _fused.remember(self, item, run, projected_rows)
 
     # ----- fused variant: torch's fused AdamW kernel applies the step -----
     # AdamP's step is AdamW's step on a weight pre-scaled row by row:
@@ -304,3 +338,4 @@ def _fusable(item: Item) -> bool:
 
 
 _FUSED_DEVICES = ("cpu", "cuda")
+_STATE = ("exp_avg", "exp_avg_sq")

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from .. import projection
+from .. import kernels, projection
+from . import _fused
 from ._base import (
     Item,
     ProjectedOptimizer,
@@ -140,6 +141,8 @@ class SGDP(ProjectedOptimizer):
 
     # ----- fast path -----
     def _first_fast(self, item: Item, stats: Tensor) -> None:
+        if _fused.usable(item, _STATE):
+            return self._first_kernel(item, stats)
         s, group = item.scalars, item.group
         f_p, f_g, f_b = flat(item.param), flat(item.grad), flat(item.state["momentum"])
         dt = f_b.dtype
@@ -170,6 +173,9 @@ class SGDP(ProjectedOptimizer):
             out[projection.GG : projection.PP + 1].square_()
 
     def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
+        plan = item.extra.pop("fused", None)
+        if plan is not None:
+            return self._second_kernel(item, coef, decay, plan)
         s, group = item.scalars, item.group
         if all(seg.slot < 0 for seg in item.segments):
             return
@@ -190,9 +196,38 @@ class SGDP(ProjectedOptimizer):
             if upcast:
                 seg_view(f_p, seg).copy_(p)
 
+    # ----- fused kernels (hf_adamp.kernels): one call per run, no chunking -----
+    def _first_kernel(self, item: Item, stats: Tensor) -> None:
+        s, group = item.scalars, item.group
+        plan = _fused.plan(self, item, _STATE, s["decay"])
+        first = kernels.module().sgd_first
+        for run, mode in zip(plan.runs, plan.modes):
+            first(
+                *plan.tensors, run.start, run.rows, run.row_len, mode, stats, max(run.stat_row, 0),
+                s["momentum"], s["dampening"], s["lr"], s["decay"], group["nesterov"], group["maximize"],
+            )  # fmt: skip
+        if any(mode != _fused.FULL for mode in plan.modes):
+            item.extra["fused"] = plan
+
+    def _second_kernel(self, item: Item, coef: Tensor, decay: Tensor, plan: _fused.Plan) -> None:
+        s, group = item.scalars, item.group
+        second = kernels.module().sgd_second
+        for run, mode in zip(plan.runs, plan.modes):
+            if mode == _fused.FULL:
+                continue
+            projected_rows = second(
+                *plan.tensors, run.start, run.rows, run.row_len, mode == _fused.SPEC, coef, run.stat_row,
+                decay, run.slot, s["momentum"], s["lr"], s["decay"], s["decay"], group["nesterov"],
+                group["maximize"],
+            )  # fmt: skip
+            _fused.remember(self, item, run, projected_rows)
+
     @staticmethod
     def _direction(out: Tensor, buf: Tensor, grad: Tensor | None, s: dict, nesterov: bool, seg: Any) -> Tensor:
         """The un-projected update: grad + momentum * buf (Nesterov), else the buffer itself."""
         if not nesterov:
             return buf
         return torch.add(grad, buf, alpha=s["momentum"], out=out.view(seg.rows, seg.row_len))
+
+
+_STATE = ("momentum",)

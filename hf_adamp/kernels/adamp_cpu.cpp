@@ -1,0 +1,450 @@
+// Fused CPU kernels of the AdamP and SGDP steps (hf_adamp, DESIGN.md section 2).
+//
+// A call works on one run of a flat tensor viewed as (rows, len). Parameters are fp32/fp64/fp16/bf16; the state
+// (moments) and all arithmetic are in T = float for fp32/fp16/bf16 parameters and double for fp64 ones.
+//
+// Pass 1 updates the moments and adds the four row sums g.p, g.g, p.p, p.u into a (4, total_rows) stats
+// buffer. "full" runs (never projected) finish the step in that pass. "spec" runs also finish it, speculating
+// that the parameter will not be projected; the repair pass fixes the rows whose decision says otherwise
+// (p_old is recovered as (p_new + step * u) / decay, so speculation is only used for fp32/fp64 parameters).
+// Pass 2 applies the decided coefficient and weight decay. Pass-2 calls return how many rows were projected,
+// which the Python side uses to predict the next step's outcome.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Elements per block of the row sums (see blocked_sums).
+constexpr int64_t kBlock = 512;
+// Elements of work per thread below which a call stays on one thread.
+constexpr int64_t kGrain = 1 << 15;
+
+enum Pass1 { kFirst = 0, kFull = 1, kSpec = 2 };
+
+// a * b + c for the row sums. The file is built without FMA contraction so that the step rounds like torch's
+// separate ops (closer to the reference); the sums only feed the decision and the coefficient, and an explicit
+// FMA there saves a quarter of the vector instructions. Without hardware FMA, std::fma would be a slow call.
+template <typename T>
+inline T madd(T a, T b, T c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+template <typename T, typename P>
+inline T up(P x) { return static_cast<T>(x); }
+template <>
+inline double up<double, c10::Half>(c10::Half x) { return static_cast<float>(x); }
+template <>
+inline double up<double, c10::BFloat16>(c10::BFloat16 x) { return static_cast<float>(x); }
+
+struct AdamScalars {
+  double beta1, beta2, eps_s, step, decay;  // eps_s = eps * sqrt(1 - beta2^t); step = lr / bc1 * sqrt(bc2)
+  bool nesterov, maximize;
+};
+
+struct SgdScalars {
+  double momentum, damp1, lr, decay;  // damp1 = 1 - dampening
+  bool nesterov, maximize;
+};
+
+// Rows [0, rows) of a run; fn(r0, r1) handles a range of rows. Parallel when the run is big enough.
+template <typename F>
+void for_rows(int64_t rows, int64_t len, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1));
+  at::parallel_for(0, rows, grain, fn);
+}
+
+// Adds the per-row sums (4 x rows, double) into stats[:, stat_row : stat_row + rows].
+void add_sums(const std::vector<double>& sums, int64_t rows, torch::Tensor& stats, int64_t stat_row) {
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "hf_adamp_add_sums", [&] {
+    scalar_t* out = stats.data_ptr<scalar_t>();
+    const int64_t stride = stats.stride(0);
+    for (int k = 0; k < 4; ++k)
+      for (int64_t r = 0; r < rows; ++r) out[k * stride + stat_row + r] += static_cast<scalar_t>(sums[k * rows + r]);
+  });
+}
+
+double read_scalar(const torch::Tensor& t, int64_t index, double* as_plain, double plain) {
+  double value = 0;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "hf_adamp_read", [&] {
+    value = static_cast<double>(t.data_ptr<scalar_t>()[index]);
+    *as_plain = static_cast<double>(static_cast<scalar_t>(plain));  // `plain` rounded like the decay tensor
+  });
+  return value;
+}
+
+// Row sums of elem(j, gp, gg, pp, pu) over [lo, hi), added into out[4]. Accumulates in T over short blocks
+// with per-lane accumulators (vectorises without reassociation flags), then in double across blocks, so long
+// rows keep double-like accuracy.
+template <typename T, typename F>
+inline void blocked_sums(int64_t lo, int64_t hi, double* out, const F& elem) {
+  constexpr int L = 64 / sizeof(T);  // lanes: two AVX2 vectors
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int64_t be = std::min(hi, b0 + kBlock);
+    T a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
+    int64_t j = b0;
+    for (; j + L <= be; j += L) {
+#pragma omp simd
+      for (int l = 0; l < L; ++l) elem(j + l, a0[l], a1[l], a2[l], a3[l]);
+    }
+    for (; j < be; ++j) elem(j, a0[0], a1[0], a2[0], a3[0]);
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int l = 0; l < L; ++l) s0 += a0[l], s1 += a1[l], s2 += a2[l], s3 += a3[l];
+    out[0] += s0, out[1] += s1, out[2] += s2, out[3] += s3;
+  }
+}
+
+// Element-wise loop over [lo, hi) (no sums).
+template <typename F>
+inline void elementwise(int64_t lo, int64_t hi, const F& elem) {
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) elem(j);
+}
+
+// ------------------------------------------------------------------------------------------------ AdamP
+template <typename P, typename T, int MODE, bool NEST>
+void adam_pass1_impl(const P* g, P* p, T* m, T* v, int64_t rows, int64_t len, const AdamScalars& s,
+                     std::vector<double>* sums) {
+  for_rows(rows, len, [&](int64_t r0, int64_t r1) {
+    // locals, not captures: the compiler keeps them in registers (a captured reference might alias m or p)
+    const T b1 = s.beta1, b2 = s.beta2, ob1 = 1 - s.beta1, ob2 = 1 - s.beta2, eps = s.eps_s, step = s.step;
+    const T decay = s.decay, sign = s.maximize ? -1 : 1;
+    auto moments = [&](int64_t j, T& gj, T& uj) {
+      gj = sign * up<T>(g[j]);
+      const T mj = b1 * m[j] + ob1 * gj;
+      const T vj = b2 * v[j] + ob2 * gj * gj;
+      m[j] = mj;
+      v[j] = vj;
+      uj = (NEST ? b1 * mj + ob1 * gj : mj) / (std::sqrt(vj) + eps);
+    };
+    if constexpr (MODE == kFull) {
+      elementwise(r0 * len, r1 * len, [&](int64_t j) {
+        T gj, uj;
+        moments(j, gj, uj);
+        p[j] = static_cast<P>(up<T>(p[j]) * decay - step * uj);
+      });
+      return;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      double acc[4] = {0, 0, 0, 0};
+      blocked_sums<T>(r * len, (r + 1) * len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+        T gj, uj;
+        moments(j, gj, uj);
+        const T pj = up<T>(p[j]);
+        gp = madd(gj, pj, gp);  // FMA in the sums only (see madd)
+        gg = madd(gj, gj, gg);
+        pp = madd(pj, pj, pp);
+        pu = madd(pj, uj, pu);
+        if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - step * uj);
+      });
+      double* out = sums->data();
+      out[r] = acc[0], out[rows + r] = acc[1], out[2 * rows + r] = acc[2], out[3 * rows + r] = acc[3];
+    }
+  });
+}
+
+// Pass 2 on rows whose pass 1 was kFirst (REPAIR false) or kSpec (REPAIR true).
+template <typename P, typename T, bool NEST, bool REPAIR>
+int64_t adam_pass2_impl(const P* g, P* p, const T* m, const T* v, const T* coef, int64_t rows, int64_t len,
+                        const AdamScalars& s, double decay_slot, double decay_plain) {
+  const bool plain_decay = decay_slot == decay_plain;
+  if (REPAIR && plain_decay && std::all_of(coef, coef + rows, [](T c) { return c == 0; }))
+    return 0;  // the speculation was right: no parallel region at all
+  std::vector<char> touched(rows, 0);
+  for_rows(rows, len, [&](int64_t r0, int64_t r1) {
+    const T b1 = s.beta1, ob1 = 1 - s.beta1, eps = s.eps_s, step = s.step;
+    const T d = decay_slot, d_spec = s.decay, sign = s.maximize ? -1 : 1;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T c = coef[r];
+      const bool projected = c != 0 || !plain_decay;
+      touched[r] = projected;
+      if (REPAIR && !projected) continue;  // the speculated step was the right one
+#pragma omp simd
+      for (int64_t j = r * len; j < (r + 1) * len; ++j) {
+        const T mj = m[j];
+        const T num = NEST ? b1 * mj + ob1 * (sign * up<T>(g[j])) : mj;
+        const T uj = num / (std::sqrt(v[j]) + eps);
+        if constexpr (REPAIR) {  // in double: the only error left is the rounding of the speculated weight
+          const double pj = (static_cast<double>(p[j]) + static_cast<double>(step) * uj) / d_spec;
+          p[j] = static_cast<P>(pj * d - static_cast<double>(step) * (uj - pj * c));
+        } else {
+          const T pj = up<T>(p[j]);
+          p[j] = static_cast<P>(pj * d - step * (uj - pj * c));
+        }
+      }
+    }
+  });
+  int64_t count = 0;
+  for (char t : touched) count += t;
+  return count;
+}
+
+// ------------------------------------------------------------------------------------------------ SGDP
+template <typename P, typename T, int MODE, bool NEST>
+void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const SgdScalars& s,
+                    std::vector<double>* sums) {
+  for_rows(rows, len, [&](int64_t r0, int64_t r1) {
+    const T mu = s.momentum, damp1 = s.damp1, lr = s.lr, decay = s.decay, sign = s.maximize ? -1 : 1;
+    auto momentum = [&](int64_t j, T& gj, T& dj) {
+      gj = sign * up<T>(g[j]);
+      const T bj = mu * b[j] + damp1 * gj;
+      b[j] = bj;
+      dj = NEST ? gj + mu * bj : bj;
+    };
+    if constexpr (MODE == kFull) {
+      elementwise(r0 * len, r1 * len, [&](int64_t j) {
+        T gj, dj;
+        momentum(j, gj, dj);
+        p[j] = static_cast<P>(up<T>(p[j]) * decay - lr * dj);
+      });
+      return;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      double acc[4] = {0, 0, 0, 0};
+      blocked_sums<T>(r * len, (r + 1) * len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+        T gj, dj;
+        momentum(j, gj, dj);
+        const T pj = up<T>(p[j]);
+        gp = madd(gj, pj, gp);  // FMA in the sums only (see madd)
+        gg = madd(gj, gj, gg);
+        pp = madd(pj, pj, pp);
+        pu = madd(pj, dj, pu);
+        if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - lr * dj);
+      });
+      double* out = sums->data();
+      out[r] = acc[0], out[rows + r] = acc[1], out[2 * rows + r] = acc[2], out[3 * rows + r] = acc[3];
+    }
+  });
+}
+
+// Without Nesterov the update is the momentum buffer itself, and (as in the reference) the projected update
+// is written back into it.
+template <typename P, typename T, bool NEST, bool REPAIR>
+int64_t sgd_pass2_impl(const P* g, P* p, T* b, const T* coef, int64_t rows, int64_t len, const SgdScalars& s,
+                       double decay_slot, double decay_plain) {
+  const bool plain_decay = decay_slot == decay_plain;
+  if (REPAIR && plain_decay && std::all_of(coef, coef + rows, [](T c) { return c == 0; }))
+    return 0;  // the speculation was right: no parallel region at all
+  std::vector<char> touched(rows, 0);
+  for_rows(rows, len, [&](int64_t r0, int64_t r1) {
+    const T mu = s.momentum, lr = s.lr, d = decay_slot, d_spec = s.decay, sign = s.maximize ? -1 : 1;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T c = coef[r];
+      const bool projected = c != 0 || !plain_decay;
+      touched[r] = projected;
+      if (REPAIR && !projected) continue;
+      const bool write_buf = !NEST && c != 0;
+#pragma omp simd
+      for (int64_t j = r * len; j < (r + 1) * len; ++j) {
+        const T bj = b[j];
+        const T dj = NEST ? sign * up<T>(g[j]) + mu * bj : bj;
+        if constexpr (REPAIR) {  // in double, as for AdamP
+          const double pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * dj) / d_spec;
+          const double dp = dj - pj * c;
+          if (write_buf) b[j] = static_cast<T>(dp);
+          p[j] = static_cast<P>(pj * d - static_cast<double>(lr) * dp);
+        } else {
+          const T pj = up<T>(p[j]);
+          const T dp = dj - pj * c;
+          if (write_buf) b[j] = dp;
+          p[j] = static_cast<P>(pj * d - lr * dp);
+        }
+      }
+    }
+  });
+  int64_t count = 0;
+  for (char t : touched) count += t;
+  return count;
+}
+
+// ------------------------------------------------------------------------------------------------ dispatch
+void check_run(const torch::Tensor& t, int64_t start, int64_t n, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "hf_adamp fused: ", what, " must be on the CPU");
+  TORCH_CHECK(start >= 0 && start + n <= t.numel(), "hf_adamp fused: run out of range of ", what);
+}
+
+// The tensors of one parameter are addressed as flat storage from data_ptr: they must share the parameter's
+// dense layout, with the first dimension outermost (rows are contiguous), as hf_adamp.optim._base.flat needs.
+void check_tensors(std::initializer_list<const torch::Tensor*> tensors, const torch::Tensor& param, int64_t start,
+                   int64_t n) {
+  TORCH_CHECK(param.is_non_overlapping_and_dense(), "hf_adamp fused: the parameter is not dense");
+  TORCH_CHECK(param.dim() <= 1 || param.stride(0) * param.size(0) == param.numel(),
+              "hf_adamp fused: the parameter's first dimension is not outermost");
+  for (const auto* t : tensors) {
+    check_run(*t, start, n, "a tensor");
+    TORCH_CHECK(t->sizes() == param.sizes() && t->strides() == param.strides(),
+                "hf_adamp fused: gradient or state laid out unlike the parameter");
+  }
+}
+
+// Calls fn with the parameter type P and the state type T of a (param, state) pair.
+template <typename F>
+void dispatch(const torch::Tensor& param, const torch::Tensor& state, const F& fn) {
+  const auto st = state.scalar_type();
+  switch (param.scalar_type()) {
+    case at::kFloat:
+      TORCH_CHECK(st == at::kFloat, "hf_adamp fused: fp32 parameters need fp32 state");
+      return fn(float{}, float{});
+    case at::kDouble:
+      TORCH_CHECK(st == at::kDouble, "hf_adamp fused: fp64 parameters need fp64 state");
+      return fn(double{}, double{});
+    case at::kHalf:
+      TORCH_CHECK(st == at::kFloat, "hf_adamp fused: fp16 parameters need fp32 state");
+      return fn(c10::Half{}, float{});
+    case at::kBFloat16:
+      TORCH_CHECK(st == at::kFloat, "hf_adamp fused: bf16 parameters need fp32 state");
+      return fn(c10::BFloat16{}, float{});
+    default:
+      TORCH_CHECK(false, "hf_adamp fused: unsupported parameter dtype ", param.scalar_type());
+  }
+}
+
+// A run is the elements [start, start + rows * len) of the tensors' storage, viewed as (rows, len).
+void adam_first(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                int64_t start, int64_t rows, int64_t len, int64_t mode, torch::Tensor stats, int64_t stat_row,
+                double beta1, double beta2, double eps_s, double step, double decay, bool nesterov, bool maximize) {
+  const int64_t n = rows * len;
+  check_tensors({&grad, &param, &exp_avg, &exp_avg_sq}, param, start, n);
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
+  const AdamScalars s{beta1, beta2, eps_s, step, decay, nesterov, maximize};
+  std::vector<double> sums(mode == kFull ? 0 : 4 * rows);
+  dispatch(param, exp_avg, [&](auto p0, auto t0) {
+    using P = decltype(p0);
+    using T = decltype(t0);
+    const P* g = grad.data_ptr<P>() + start;
+    P* p = param.data_ptr<P>() + start;
+    T* m = exp_avg.data_ptr<T>() + start;
+    T* v = exp_avg_sq.data_ptr<T>() + start;
+    auto run = [&](auto mode_c, auto nest_c) {
+      constexpr int M = decltype(mode_c)::value;
+      if constexpr (M == kFull) {  // element-wise: split the elements, not the rows
+        at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
+          adam_pass1_impl<P, T, M, decltype(nest_c)::value>(g + a, p + a, m + a, v + a, 1, b - a, s, nullptr);
+        });
+      } else {
+        adam_pass1_impl<P, T, M, decltype(nest_c)::value>(g, p, m, v, rows, len, s, &sums);
+      }
+    };
+    auto with_nest = [&](auto mode_c) {
+      nesterov ? run(mode_c, std::true_type{}) : run(mode_c, std::false_type{});
+    };
+    if (mode == kFirst) with_nest(std::integral_constant<int, kFirst>{});
+    else if (mode == kSpec) with_nest(std::integral_constant<int, kSpec>{});
+    else with_nest(std::integral_constant<int, kFull>{});
+  });
+  if (mode != kFull) add_sums(sums, rows, stats, stat_row);
+}
+
+int64_t adam_second(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                    int64_t start, int64_t rows, int64_t len, bool repair, torch::Tensor coef, int64_t stat_row,
+                    torch::Tensor decay, int64_t slot, double beta1, double eps_s, double step, double decay_spec,
+                    double decay_plain, bool nesterov, bool maximize) {
+  const int64_t n = rows * len;
+  check_tensors({&grad, &param, &exp_avg, &exp_avg_sq}, param, start, n);
+  TORCH_CHECK(coef.scalar_type() == exp_avg.scalar_type(), "hf_adamp fused: coef dtype differs from the state");
+  check_run(coef, stat_row, rows, "coef");
+  double plain_rounded = 0;
+  const double d = read_scalar(decay, slot, &plain_rounded, decay_plain);
+  const AdamScalars s{beta1, 0, eps_s, step, decay_spec, nesterov, maximize};
+  int64_t count = 0;
+  dispatch(param, exp_avg, [&](auto p0, auto t0) {
+    using P = decltype(p0);
+    using T = decltype(t0);
+    const P* g = grad.data_ptr<P>() + start;
+    P* p = param.data_ptr<P>() + start;
+    const T* m = exp_avg.data_ptr<T>() + start;
+    const T* v = exp_avg_sq.data_ptr<T>() + start;
+    const T* c = coef.data_ptr<T>() + stat_row;
+    auto run = [&](auto nest_c, auto repair_c) {
+      count = adam_pass2_impl<P, T, decltype(nest_c)::value, decltype(repair_c)::value>(
+          g, p, m, v, c, rows, len, s, d, plain_rounded);
+    };
+    auto with_repair = [&](auto nest_c) {
+      repair ? run(nest_c, std::true_type{}) : run(nest_c, std::false_type{});
+    };
+    nesterov ? with_repair(std::true_type{}) : with_repair(std::false_type{});
+  });
+  return count;
+}
+
+void sgd_first(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_buffer, int64_t start, int64_t rows,
+               int64_t len, int64_t mode, torch::Tensor stats, int64_t stat_row, double momentum, double dampening,
+               double lr, double decay, bool nesterov, bool maximize) {
+  const int64_t n = rows * len;
+  check_tensors({&grad, &param, &momentum_buffer}, param, start, n);
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
+  const SgdScalars s{momentum, 1 - dampening, lr, decay, nesterov, maximize};
+  std::vector<double> sums(mode == kFull ? 0 : 4 * rows);
+  dispatch(param, momentum_buffer, [&](auto p0, auto t0) {
+    using P = decltype(p0);
+    using T = decltype(t0);
+    const P* g = grad.data_ptr<P>() + start;
+    P* p = param.data_ptr<P>() + start;
+    T* b = momentum_buffer.data_ptr<T>() + start;
+    auto run = [&](auto mode_c, auto nest_c) {
+      constexpr int M = decltype(mode_c)::value;
+      if constexpr (M == kFull) {
+        at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t c) {
+          sgd_pass1_impl<P, T, M, decltype(nest_c)::value>(g + a, p + a, b + a, 1, c - a, s, nullptr);
+        });
+      } else {
+        sgd_pass1_impl<P, T, M, decltype(nest_c)::value>(g, p, b, rows, len, s, &sums);
+      }
+    };
+    auto with_nest = [&](auto mode_c) {
+      nesterov ? run(mode_c, std::true_type{}) : run(mode_c, std::false_type{});
+    };
+    if (mode == kFirst) with_nest(std::integral_constant<int, kFirst>{});
+    else if (mode == kSpec) with_nest(std::integral_constant<int, kSpec>{});
+    else with_nest(std::integral_constant<int, kFull>{});
+  });
+  if (mode != kFull) add_sums(sums, rows, stats, stat_row);
+}
+
+int64_t sgd_second(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_buffer, int64_t start,
+                   int64_t rows, int64_t len, bool repair, torch::Tensor coef, int64_t stat_row, torch::Tensor decay,
+                   int64_t slot, double momentum, double lr, double decay_spec, double decay_plain, bool nesterov,
+                   bool maximize) {
+  const int64_t n = rows * len;
+  check_tensors({&grad, &param, &momentum_buffer}, param, start, n);
+  TORCH_CHECK(coef.scalar_type() == momentum_buffer.scalar_type(), "hf_adamp fused: coef dtype differs from state");
+  check_run(coef, stat_row, rows, "coef");
+  double plain_rounded = 0;
+  const double d = read_scalar(decay, slot, &plain_rounded, decay_plain);
+  const SgdScalars s{momentum, 0, lr, decay_spec, nesterov, maximize};
+  int64_t count = 0;
+  dispatch(param, momentum_buffer, [&](auto p0, auto t0) {
+    using P = decltype(p0);
+    using T = decltype(t0);
+    const P* g = grad.data_ptr<P>() + start;
+    P* p = param.data_ptr<P>() + start;
+    T* b = momentum_buffer.data_ptr<T>() + start;
+    const T* c = coef.data_ptr<T>() + stat_row;
+    auto run = [&](auto nest_c, auto repair_c) {
+      count = sgd_pass2_impl<P, T, decltype(nest_c)::value, decltype(repair_c)::value>(g, p, b, c, rows, len, s, d,
+                                                                                        plain_rounded);
+    };
+    auto with_repair = [&](auto nest_c) {
+      repair ? run(nest_c, std::true_type{}) : run(nest_c, std::false_type{});
+    };
+    nesterov ? with_repair(std::true_type{}) : with_repair(std::false_type{});
+  });
+  return count;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("adam_first", &adam_first, "AdamP pass 1: moments, row sums; finishes full/speculated runs");
+  m.def("adam_second", &adam_second, "AdamP pass 2: projection, weight decay, step (or repair); projected rows");
+  m.def("sgd_first", &sgd_first, "SGDP pass 1: momentum, row sums; finishes full/speculated runs");
+  m.def("sgd_second", &sgd_second, "SGDP pass 2: projection, weight decay, step (or repair); projected rows");
+}

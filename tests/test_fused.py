@@ -1,0 +1,254 @@
+"""The fused CPU kernels (hf_adamp.kernels) against the reference and the eager path, and the fallback.
+
+Every test that takes the ``path`` fixture runs twice: on the fused kernels (which must build wherever a C++
+compiler exists) and on the eager path forced by HF_ADAMP_DISABLE_FUSED=1.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import adamp
+import pytest
+import torch
+from helpers import MODES, forced_grad, make_params, max_rel_err
+from test_parity import CONFIGS, TOL, run_pair
+
+import hf_adamp
+from hf_adamp import kernels
+from hf_adamp.optim import _base
+from hf_adamp.sharding import Layout, ParamSpec, Piece
+
+
+class KernelSpy:
+    """Counts kernel calls, and pass-2 calls that repaired a speculated step."""
+
+    def __init__(self, module):
+        self.module, self.calls, self.repairs = module, 0, 0
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def wrapped(*args):
+            self.calls += 1
+            out = fn(*args)
+            tensors = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+            if name.endswith("_second") and args[tensors + 3] and out > 0:  # after start, rows, len: repair
+                self.repairs += 1
+            return out
+
+        return wrapped
+
+
+@pytest.fixture(params=["fused", "eager"])
+def path(request, monkeypatch):
+    """Yields a KernelSpy on the fused path, None on the eager path."""
+    if request.param == "eager":
+        monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+        yield None
+        return
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    if kernels._compiler() is None:
+        pytest.skip("no C++ compiler: the fused kernels cannot be built here")
+    assert kernels.available(), "a compiler exists, so the fused kernels must build"
+    spy = KernelSpy(kernels.module())
+    monkeypatch.setattr(kernels, "module", lambda: spy)
+    yield spy
+
+
+def check_used(spy):
+    if spy is not None:
+        assert spy.calls > 0, "the fused kernels were not called"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)])
+def test_matches_reference(path, name, kwargs, dtype):
+    ours, ref, seen = run_pair(name, kwargs, dtype, True)
+    for a, b in zip(ours, ref):
+        assert max_rel_err(a.detach(), b.detach()) <= TOL[dtype]
+    assert seen[1] == {"channel", "layer", "none"}
+    check_used(path)
+    if path is not None:
+        assert path.repairs > 0, "the outcomes change every step, so some speculated steps must be repaired"
+
+
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[5]])
+def test_small_chunks_and_groups(path, monkeypatch, name, kwargs):
+    monkeypatch.setattr(_base, "CHUNK_ELEMS", 50)
+    ours, ref, _ = run_pair(name, kwargs, torch.float64, True, steps=20, groups=True)
+    for a, b in zip(ours, ref):
+        assert max_rel_err(a.detach(), b.detach()) <= 1e-12
+    check_used(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[3], CONFIGS[4]])
+def test_half_precision_matches_plain_path(path, name, kwargs, dtype):
+    """fp32 state and arithmetic for half weights: each step, the fast path rounds the same fp32 values as the
+    plain one (weights re-synchronised after every step, so that one-ulp rounding differences do not grow)."""
+    base = make_params(dtype=torch.float32, seed=4)
+    plain, fast = ([p.to(dtype).requires_grad_() for p in base] for _ in range(2))
+    opts = [getattr(hf_adamp, name)(ps, foreach=foreach, **kwargs) for ps, foreach in ((plain, False), (fast, True))]
+    gen = torch.Generator().manual_seed(2)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    for step in range(16):
+        for a, b in zip(plain, fast):
+            a.grad = forced_grad(a.detach().float(), MODES[step % 4], gen).to(dtype)
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
+        for a, b in zip(plain, fast):
+            x, y = a.detach().float(), b.detach().float()
+            assert ((x - y).abs() <= 2 * ulp * x.abs()).all()  # at most one rounding apart
+            b.data.copy_(a.data)
+    for a, b in zip(plain, fast):
+        for key, value in opts[0].state[a].items():
+            if isinstance(value, torch.Tensor) and value.dim():
+                assert value.dtype == opts[1].state[b][key].dtype == torch.float32
+                assert max_rel_err(opts[1].state[b][key], value) <= 1e-5, key
+    check_used(path)
+
+
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[2], CONFIGS[4], CONFIGS[5]])
+def test_maximize_matches_plain_path(path, name, kwargs):
+    """maximize=True on negated gradients takes the same steps as the plain path on the gradients."""
+    base = make_params(dtype=torch.float64, seed=6)
+    runs = []
+    for foreach, maximize in ((False, False), (True, True)):
+        ps = [p.clone().requires_grad_() for p in base]
+        opt = getattr(hf_adamp, name)(ps, foreach=foreach, maximize=maximize, **kwargs)
+        gen = torch.Generator().manual_seed(8)
+        for step in range(20):
+            for p in ps:
+                g = forced_grad(p.detach(), MODES[step % 4], gen)
+                p.grad = -g if maximize else g
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs):
+        assert max_rel_err(b.detach(), a.detach()) <= 1e-12
+    check_used(path)
+
+
+# ----- sharded: rows cut by shard boundaries, sums reduced across simulated ranks -----
+SHARD_SHAPES = [(7, 5), (6,), (16, 24), (3, 300), (4, 3, 3, 3), (9,)]
+
+
+class ThreadReducer:
+    """All-reduce (sum) of the statistics buffer between ranks that are threads of this process."""
+
+    def __init__(self, ranks: int) -> None:
+        self.bufs: list[torch.Tensor | None] = [None] * ranks
+        self.barrier = threading.Barrier(ranks)
+
+    def for_rank(self, rank: int):
+        def reduce(stats: torch.Tensor) -> None:
+            self.bufs[rank] = stats.clone()
+            self.barrier.wait()
+            total = sum(self.bufs)
+            self.barrier.wait()
+            stats.copy_(total)
+
+        return reduce
+
+
+def shard(shapes, bounds):
+    """A Layout per rank: the flat concatenation of all parameters, cut at ``bounds``."""
+    specs = [ParamSpec(s, name=f"p{i}") for i, s in enumerate(shapes)]
+    offsets, total = [], 0
+    for spec in specs:
+        offsets.append(total)
+        total += spec.numel
+    edges = [0, *bounds, total]
+    layouts = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        pieces = []
+        for i, spec in enumerate(specs):
+            a, b = max(lo, offsets[i]), min(hi, offsets[i] + spec.numel)
+            if a < b:
+                pieces.append(Piece(i, a - lo, a - offsets[i], b - a))
+        layouts.append((lo, hi, specs, pieces))
+    return layouts, total
+
+
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[4]])
+def test_sharded_partial_rows_match_reference(path, name, kwargs):
+    # (7, 5) ends at 35; 35 + 6 = 41 starts (16, 24): cut inside row 3 of it, and inside a row of (3, 300)
+    bounds = [41 + 3 * 24 + 10, 41 + 384 + 450]
+    shards, total = shard(SHARD_SHAPES, bounds)
+    base = make_params(SHARD_SHAPES, dtype=torch.float64, seed=7)
+    ref = [p.clone().requires_grad_() for p in base]
+    ref_opt = getattr(adamp, name)(ref, **kwargs)
+    full = torch.cat([p.reshape(-1) for p in base])
+    reducer = ThreadReducer(len(shards))
+    locals_, opts = [], []
+    for rank, (lo, hi, specs, pieces) in enumerate(shards):
+        local = full[lo:hi].clone().requires_grad_()
+        opt = getattr(hf_adamp, name)([local], **kwargs)
+        opt.attach_layout(Layout(specs, {id(local): pieces}), reducer.for_rank(rank))
+        locals_.append(local)
+        opts.append(opt)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(24):
+        grads = [forced_grad(p.detach(), MODES[step % len(MODES)], gen) for p in ref]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        for local, (lo, hi, _, _) in zip(locals_, shards):
+            local.grad = flat_grad[lo:hi].clone()
+        threads = [threading.Thread(target=opt.step) for opt in opts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ref_opt.step()
+    ours = torch.cat([local.detach() for local in locals_])
+    assert ours.numel() == total
+    expected = torch.cat([p.detach().reshape(-1) for p in ref])
+    assert max_rel_err(ours, expected) <= 1e-12
+    assert opts[0].projection_decisions() == opts[1].projection_decisions()  # every rank decides alike
+    check_used(path)
+
+
+# ----- fallback -----
+def test_fallback_without_compiler_logs_once_and_matches_reference(monkeypatch, caplog):
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+
+    def no_build():
+        raise AssertionError("must not try to build without a compiler")
+
+    monkeypatch.setattr(kernels, "_build", no_build)
+    with caplog.at_level(logging.WARNING, logger="hf_adamp.kernels"):
+        assert not kernels.available()
+        assert not kernels.available()
+        ours, ref, _ = run_pair(*CONFIGS[1], torch.float32, True, steps=12)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hf_adamp.kernels"]
+    assert len(lines) == 1 and "no C++ compiler" in lines[0], lines
+    for a, b in zip(ours, ref):
+        assert max_rel_err(a.detach(), b.detach()) <= 1e-6
+
+
+def test_build_failure_falls_back(monkeypatch, caplog):
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    monkeypatch.setattr(kernels, "_compiler", lambda: "/usr/bin/c++")
+
+    def broken():
+        raise RuntimeError("Error building extension 'hf_adamp_cpu'")
+
+    monkeypatch.setattr(kernels, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger="hf_adamp.kernels"):
+        assert not kernels.available()
+    assert any("build failed" in r.getMessage() for r in caplog.records)
+
+
+def test_env_var_disables(monkeypatch):
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    assert not kernels.available()
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    assert kernels.available() == (kernels._compiler() is not None)
