@@ -345,7 +345,7 @@ class ProjectedOptimizer(Optimizer):
             projected.append(d_proj)
         as_t = lambda xs: torch.tensor(xs, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
         counts = torch.tensor([s.rows for s in specs]).to(device, non_blocking=True)
-        owner = torch.repeat_interleave(torch.arange(len(specs), device=device), counts, output_size=stats.shape[1])
+        owner = torch.repeat_interleave(counts, output_size=stats.shape[1])  # row -> slot
         decision = projection.decide(stats, owner, as_t(row_len), as_t(numel), as_t(delta), as_t(eps))
         decay = torch.where(decision.projected, as_t(projected), as_t(plain))
         return decision, decay, as_t(lr)
