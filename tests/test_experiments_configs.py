@@ -261,7 +261,7 @@ def test_ddp_on_two_cpu_ranks_matches_one_process(tmp_path):
               str(ROOT / "examples" / "run_clm.py"), "--use_cpu", "true", "--output_dir", str(tmp_path / "ddp"),
               "--per_device_train_batch_size", "2", *common]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     run_clm(["--output_dir", str(tmp_path / "single"), "--per_device_train_batch_size", "4", *common])
 
@@ -315,7 +315,7 @@ def test_zero2_json_on_two_cpu_ranks_matches_one_process(tmp_path):
               "--deepspeed", str(CONFIGS / "deepspeed" / "zero2.json"), "--output_dir", str(tmp_path / "zero2"),
               "--per_device_train_batch_size", "2", *common]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     run_clm(["--output_dir", str(tmp_path / "single"), "--per_device_train_batch_size", "4", *common])
 

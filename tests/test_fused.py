@@ -17,7 +17,7 @@ from test_parity import CONFIGS, TOL, run_pair
 
 import hf_adamp
 from hf_adamp import kernels
-from hf_adamp.optim import _base
+from hf_adamp.optim import _base, _fused
 from hf_adamp.sharding import Layout, ParamSpec, Piece
 
 
@@ -41,18 +41,24 @@ class KernelSpy:
         return wrapped
 
 
-@pytest.fixture(params=["fused", "eager"])
+@pytest.fixture(params=["fused", "fused-speculating", "eager"])
 def path(request, monkeypatch):
-    """Yields a KernelSpy on the fused path, None on the eager path."""
+    """Yields a KernelSpy on the fused paths (two-pass, the default, or speculating), None on the eager path."""
     if request.param == "eager":
         monkeypatch.setenv(kernels.DISABLE_ENV, "1")
         yield None
         return
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    speculating = request.param == "fused-speculating"
+    if speculating:
+        monkeypatch.setenv(_fused.SPECULATE_ENV, "1")
+    else:
+        monkeypatch.delenv(_fused.SPECULATE_ENV, raising=False)
     if kernels._compiler() is None:
         pytest.skip("no C++ compiler: the fused kernels cannot be built here")
     assert kernels.available(), "a compiler exists, so the fused kernels must build"
     spy = KernelSpy(kernels.module())
+    spy.speculating = speculating
     monkeypatch.setattr(kernels, "module", lambda: spy)
     yield spy
 
@@ -70,8 +76,10 @@ def test_matches_reference(path, name, kwargs, dtype):
         assert max_rel_err(a.detach(), b.detach()) <= TOL[dtype]
     assert seen[1] == {"channel", "layer", "none"}
     check_used(path)
-    if path is not None:
+    if path is not None and path.speculating:
         assert path.repairs > 0, "the outcomes change every step, so some speculated steps must be repaired"
+    elif path is not None:
+        assert path.repairs == 0, "without speculation nothing is ever repaired"
 
 
 @pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[5]])

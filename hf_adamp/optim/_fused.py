@@ -4,19 +4,22 @@ Each local tensor's segments are merged back into runs (one kernel call per para
 cache-sized chunk), and every projectable run gets a pass-1 mode:
 
 * FULL: never projected (1-D parameters): the whole step in one pass;
-* SPEC: projectable, and not projected at the previous step: the whole step in one pass, speculating that
-  it stays unprojected; pass 2 repairs the rows whose decision says otherwise (rare, costs one more pass);
-* FIRST: projected at the previous step, or a half-precision parameter: moments and row sums in pass 1,
-  the decided step in pass 2.
+* FIRST: projectable: moments and row sums in pass 1, the decided step in pass 2;
+* SPEC (opt-in, ``HF_ADAMP_SPECULATE=1``): projectable, and not projected at the previous step: the whole
+  step in one pass, speculating that it stays unprojected; pass 2 repairs the rows whose decision says
+  otherwise (rare, costs one more pass).
 
 SPEC moves the bytes of torch's fused AdamW/SGD (one read of g, p and the state, one write of p and the
 state) instead of the ~1.4x of two passes. It recovers the old weight as (p_new + step * u) / decay, which
 costs an ulp or two of fp32/fp64 on repaired rows, and would cost far more on fp16/bf16 weights, which
-therefore always take FIRST.
+therefore always take FIRST. It is off by default: the result then depends on what the previous step
+decided, which is not in the optimizer's state, so a run resumed from a checkpoint would differ from an
+uninterrupted one by those ulps instead of being bit-identical.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,7 @@ FIRST, FULL, SPEC = 0, 1, 2
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Speculation divides by the decay factor; below this it would lose precision (huge weight decay only).
 _MIN_SPEC_DECAY = 0.5
+SPECULATE_ENV = "HF_ADAMP_SPECULATE"
 
 
 @dataclass
@@ -92,7 +96,11 @@ def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decay: float) -> Pla
         flat(item.param)  # raises, with advice, where the rows are not contiguous in memory
         runs = merge_runs(segs)
         _runs_cache(opt)[key] = (list(segs), runs)
-    speculate = state_dtype(item.param) == item.param.dtype and decay >= _MIN_SPEC_DECAY
+    speculate = (
+        os.environ.get(SPECULATE_ENV) == "1"
+        and state_dtype(item.param) == item.param.dtype
+        and decay >= _MIN_SPEC_DECAY
+    )
     modes = [
         FULL if run.slot < 0 else SPEC if speculate and not projected_before.get((key, run.start), False) else FIRST
         for run in runs
