@@ -233,5 +233,11 @@ if __name__ == "__main__":
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
     if mode.startswith("deepspeed"):
         _deepspeed_worker(int(mode.removeprefix("deepspeed")), out_dir)
+        # DeepSpeed's CPU shared-memory comm op can abort in interpreter teardown ("terminate called without an
+        # active exception") after all work is done; wait for every rank, then leave without that teardown
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        sys.stdout.flush()
+        os._exit(0)
     else:
         _fsdp2_worker(out_dir)
