@@ -44,6 +44,19 @@ def accumulate_row_sums(out: Tensor, g: Tensor, p: Tensor, u: Tensor, scratch: T
         out[row].add_(prod.sum(dim=1, dtype=out.dtype))
 
 
+def write_row_sums(out: Tensor, g: Tensor, p: Tensor, u: Tensor, scratch: Tensor) -> None:
+    """Write the four per-row sums of 2-D blocks ``g, p, u`` into ``out`` (4, rows): the fast path's form.
+
+    Norms give g.g and p.p without a product pass; ``scratch`` (the blocks' shape) holds the products.
+    Each buffer row is written by exactly one block per rank (a rank holds at most one piece of a row).
+    """
+    torch.sum(torch.mul(g, p, out=scratch), dim=1, dtype=out.dtype, out=out[GP])
+    torch.linalg.vector_norm(g, dim=1, dtype=out.dtype, out=out[GG])
+    torch.linalg.vector_norm(p, dim=1, dtype=out.dtype, out=out[PP])
+    torch.sum(torch.mul(p, u, out=scratch), dim=1, dtype=out.dtype, out=out[PU])
+    out[GG : PP + 1].square_()
+
+
 @dataclass
 class Decision:
     """What the projection does, per row of the statistics buffer and per parameter slot."""

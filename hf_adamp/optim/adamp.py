@@ -181,7 +181,7 @@ class AdamP(ProjectedOptimizer):
                 if upcast:
                     seg_view(f_p, seg).copy_(p)
                 continue
-            self._row_sums(stats, seg, g, p, u, tmp)
+            projection.write_row_sums(stats[:, seg.stat_row : seg.stat_row + seg.rows], g, p, u, tmp)
 
     def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
         plan = item.extra.pop("fused", None)
@@ -266,7 +266,7 @@ class AdamP(ProjectedOptimizer):
             torch.mul(seg_view(f_v, seg), s["beta2"], out=u).addcmul_(g, g, value=1 - s["beta2"])
             u.sqrt_().add_(s["eps"] * s["sqrt_bc2"])
             torch.div(m_new, u, out=u)  # the update divided by sqrt_bc2
-            self._row_sums(stats, seg, g, p, u, tmp)
+            projection.write_row_sums(stats[:, seg.stat_row : seg.stat_row + seg.rows], g, p, u, tmp)
 
     def _second_fused(self, item: Item, coef: Tensor, decay: Tensor) -> None:
         s = item.scalars
@@ -302,15 +302,6 @@ class AdamP(ProjectedOptimizer):
             maximize=group["maximize"],
             weight_decay=group["weight_decay"] if weight_decay is None else weight_decay,
         )
-
-    @staticmethod
-    def _row_sums(stats: Tensor, seg, g: Tensor, p: Tensor, u: Tensor, tmp: Tensor) -> None:
-        out = stats[:, seg.stat_row : seg.stat_row + seg.rows]
-        torch.sum(torch.mul(g, p, out=tmp), dim=1, dtype=out.dtype, out=out[projection.GP])
-        torch.linalg.vector_norm(g, dim=1, dtype=out.dtype, out=out[projection.GG])
-        torch.linalg.vector_norm(p, dim=1, dtype=out.dtype, out=out[projection.PP])
-        torch.sum(torch.mul(p, u, out=tmp), dim=1, dtype=out.dtype, out=out[projection.PU])
-        out[projection.GG : projection.PP + 1].square_()
 
     @staticmethod
     def _direction(u: Tensor, tmp: Tensor, m: Tensor, v: Tensor, g: Tensor | None, s: dict, nesterov: bool) -> None:

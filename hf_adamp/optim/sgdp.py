@@ -165,12 +165,7 @@ class SGDP(ProjectedOptimizer):
                     seg_view(f_p, seg).copy_(p)
                 continue
             tmp = tmp.view(seg.rows, seg.row_len)
-            out = stats[:, seg.stat_row : seg.stat_row + seg.rows]
-            torch.sum(torch.mul(g, p, out=tmp), dim=1, dtype=out.dtype, out=out[projection.GP])
-            torch.linalg.vector_norm(g, dim=1, dtype=out.dtype, out=out[projection.GG])
-            torch.linalg.vector_norm(p, dim=1, dtype=out.dtype, out=out[projection.PP])
-            torch.sum(torch.mul(p, d, out=tmp), dim=1, dtype=out.dtype, out=out[projection.PU])
-            out[projection.GG : projection.PP + 1].square_()
+            projection.write_row_sums(stats[:, seg.stat_row : seg.stat_row + seg.rows], g, p, d, tmp)
 
     def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
         plan = item.extra.pop("fused", None)
