@@ -1,7 +1,8 @@
 """The fused CPU kernels (hf_adamp.kernels) against the reference and the eager path, and the fallback.
 
-Every test that takes the ``path`` fixture runs twice: on the fused kernels (which must build wherever a C++
-compiler exists) and on the eager path forced by HF_ADAMP_DISABLE_FUSED=1.
+Every test that takes the ``path`` fixture runs three times: on the fused kernels (which must build wherever a C++
+compiler exists) with speculation (the default) and without (HF_ADAMP_SPECULATE=0), and on the eager path
+forced by HF_ADAMP_DISABLE_FUSED=1.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class KernelSpy:
 
     def __init__(self, module):
         self.module, self.calls, self.repairs = module, 0, 0
+        self.pass1_modes: set[int] = set()
 
     def __getattr__(self, name):
         fn = getattr(self.module, name)
@@ -34,6 +36,8 @@ class KernelSpy:
             self.calls += 1
             out = fn(*args)
             tensors = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+            if name.endswith("_first"):
+                self.pass1_modes.add(args[tensors + 3])  # after start, rows, len: the mode
             if name.endswith("_second") and args[tensors + 3] and out > 0:  # after start, rows, len: repair
                 self.repairs += 1
             return out
@@ -41,19 +45,19 @@ class KernelSpy:
         return wrapped
 
 
-@pytest.fixture(params=["fused", "fused-speculating", "eager"])
+@pytest.fixture(params=["fused", "fused-two-pass", "eager"])
 def path(request, monkeypatch):
-    """Yields a KernelSpy on the fused paths (two-pass, the default, or speculating), None on the eager path."""
+    """Yields a KernelSpy on the fused paths (speculating, the default, or two-pass), None on the eager path."""
     if request.param == "eager":
         monkeypatch.setenv(kernels.DISABLE_ENV, "1")
         yield None
         return
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
-    speculating = request.param == "fused-speculating"
+    speculating = request.param == "fused"
     if speculating:
-        monkeypatch.setenv(_fused.SPECULATE_ENV, "1")
-    else:
         monkeypatch.delenv(_fused.SPECULATE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(_fused.SPECULATE_ENV, "0")
     if kernels._compiler() is None:
         pytest.skip("no C++ compiler: the fused kernels cannot be built here")
     assert kernels.available(), "a compiler exists, so the fused kernels must build"
@@ -80,6 +84,84 @@ def test_matches_reference(path, name, kwargs, dtype):
         assert path.repairs > 0, "the outcomes change every step, so some speculated steps must be repaired"
     elif path is not None:
         assert path.repairs == 0, "without speculation nothing is ever repaired"
+
+
+@pytest.mark.parametrize("outcome", ["channel", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[4], CONFIGS[5]])
+def test_right_guess_is_bit_identical_to_two_passes(monkeypatch, name, kwargs, dtype, outcome):
+    """While a parameter keeps its outcome, the one-pass speculating step gives the two-pass step's bits (the
+    channel guess: up to the coefficient's last bit), and nothing is repaired."""
+    if kernels._compiler() is None:
+        pytest.skip("no C++ compiler: the fused kernels cannot be built here")
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    assert kernels.available()
+    spy = KernelSpy(kernels.module())
+    monkeypatch.setattr(kernels, "module", lambda: spy)
+    base = make_params(dtype=dtype, seed=9)
+    eps = torch.finfo(dtype).eps
+    runs = []
+    for speculate in ("1", "0"):
+        monkeypatch.setenv(_fused.SPECULATE_ENV, speculate)
+        ps = [p.clone().requires_grad_() for p in base]
+        opt = getattr(hf_adamp, name)(ps, **kwargs)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(8):
+            for p in ps:
+                p.grad = forced_grad(p.detach(), outcome, gen)
+            opt.step()
+        assert set(opt.projection_decisions().values()) == {outcome}
+        runs.append((ps, opt))
+        if speculate == "1":
+            assert (_fused.SPEC_CHANNEL if outcome == "channel" else _fused.SPEC) in spy.pass1_modes
+            assert spy.repairs == 0
+    (ps_a, opt_a), (ps_b, opt_b) = runs
+    for a, b in zip(ps_a, ps_b):
+        # channel: the kernel's IEEE sqrt in the coefficient may differ from torch's by an ulp, rarely
+        assert torch.equal(a, b) if outcome == "none" else max_rel_err(a.detach(), b.detach()) <= 8 * eps
+        for key, value in opt_b.state[b].items():
+            if isinstance(value, torch.Tensor) and not (outcome == "channel" and name == "SGDP"):
+                assert torch.equal(opt_a.state[a][key], value), key
+
+
+def test_guess_is_kept_in_state_and_resumes_bit_identically(monkeypatch):
+    """The guess lives in the state dict: a resumed run speculates, repairs and rounds like an uninterrupted one,
+    here with the outcome changing every step (so most steps repair)."""
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(_fused.SPECULATE_ENV, raising=False)
+    if not kernels.available():
+        pytest.skip("the fused kernels are unavailable here")
+    base = make_params(dtype=torch.float32, seed=11)
+
+    def train(opt, ps, steps, start):
+        for step in range(start, start + steps):
+            gen = torch.Generator().manual_seed(step)
+            for p in ps:
+                p.grad = forced_grad(p.detach(), MODES[step % len(MODES)], gen)
+            opt.step()
+
+    straight = [p.clone().requires_grad_() for p in base]
+    opt = hf_adamp.AdamP(straight, lr=1e-2, weight_decay=0.1)
+    train(opt, straight, 10, 0)
+    saved = torch.load(_roundtrip(opt.state_dict()), weights_only=True)
+    multi_dim = [i for i, p in enumerate(base) if p.dim() > 1]
+    assert all(isinstance(saved["state"][i].get(_fused.MEMORY_KEY), list) for i in multi_dim)
+    resumed = [p.detach().clone().requires_grad_() for p in straight]
+    train(opt, straight, 10, 10)
+    second = hf_adamp.AdamP(resumed, lr=1e-2, weight_decay=0.1)
+    second.load_state_dict(saved)
+    train(second, resumed, 10, 10)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
 
 
 @pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[5]])

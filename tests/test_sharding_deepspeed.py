@@ -94,4 +94,5 @@ def test_checkpoint_resume_is_bit_identical(runs, stage) -> None:
         assert "error" not in res, res
         for name, want in res["straight"].items():
             assert torch.equal(res["resumed"][name], want), name
-        assert res["state_keys"] == ["exp_avg", "exp_avg_sq", "step"]
+        # the reference's names, plus the fused kernels' guess of the next outcome (a list, kept by DeepSpeed)
+        assert res["state_keys"] == ["exp_avg", "exp_avg_sq", "last_projection", "step"]

@@ -4,12 +4,13 @@
 // (moments) and all arithmetic are in T = float for fp32/fp16/bf16 parameters and double for fp64 ones.
 //
 // Pass 1 updates the moments and adds the four row sums g.p, g.g, p.p, p.u into a (4, total_rows) stats
-// buffer. "full" runs (never projected) finish the step in that pass. "spec" runs also finish it, speculating
-// that the parameter will not be projected; the repair pass fixes the rows whose decision says otherwise
-// (p_old is recovered as (p_new + step * u) / decay, so speculation is only used for fp32/fp64 parameters).
-// Pass 2 applies the decided coefficient and weight decay. Pass-2 calls return how many rows were projected,
-// which the Python side uses to predict the next step's outcome.
-
+// buffer. "full" runs (never projected) finish the step in that pass. Speculating runs also finish it, guessing
+// the outcome from the previous step: "spec" as not projected, "spec_channel" as projected row by row (whole
+// rows only: each row's coefficient is computed from its own sums exactly as projection.decide computes it, and
+// written to spec_coef). When the guess is right, the result is bit-identical to the two-pass step. Pass 2
+// applies the decided coefficient and weight decay, or, after a speculating pass 1, repairs only the rows whose
+// decided (coefficient, decay) differ from the guessed ones, recovering the old weight in double (an ulp or two
+// of the weight's dtype, so speculation is only used for fp32/fp64 parameters).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,7 +25,9 @@ constexpr int64_t kBlock = 512;
 // Elements of work per thread below which a call stays on one thread.
 constexpr int64_t kGrain = 1 << 15;
 
-enum Pass1 { kFirst = 0, kFull = 1, kSpec = 2 };
+enum Pass1 { kFirst = 0, kFull = 1, kSpec = 2, kSpecChannel = 3 };
+// Pass 2: apply the decision, or repair a pass 1 that speculated (kSpec / kSpecChannel).
+enum Pass2 { kApply = 0, kRepair = 1, kRepairChannel = 2 };
 
 // a * b + c for the row sums. The file is built without FMA contraction so that the step rounds like torch's
 // separate ops (closer to the reference); the sums only feed the decision and the coefficient, and an explicit
@@ -47,13 +50,28 @@ inline double up<double, c10::BFloat16>(c10::BFloat16 x) { return static_cast<fl
 
 struct AdamScalars {
   double beta1, beta2, eps_s, step, decay;  // eps_s = eps * sqrt(1 - beta2^t); step = lr / bc1 * sqrt(bc2)
+  double eps;                               // the group's eps: the norm floor of the projection coefficient
   bool nesterov, maximize;
 };
 
 struct SgdScalars {
   double momentum, damp1, lr, decay;  // damp1 = 1 - dampening
+  double eps;
   bool nesterov, maximize;
 };
+
+// The channel coefficient p.u / (|p| + eps)^2 of one row, rounded as projection.decide computes it from the
+// stats buffer (dtype S), then to the state dtype T, so that a right guess gives the two-pass step's bits.
+template <typename S, typename T>
+inline T channel_coef(double pp, double pu, double eps) {
+  const S den = std::sqrt(static_cast<S>(pp)) + static_cast<S>(eps);
+  return static_cast<T>(static_cast<S>(pu) / (den * den));
+}
+
+template <typename T>
+inline T row_coef(bool stats_double, const double* acc, double eps) {
+  return stats_double ? channel_coef<double, T>(acc[2], acc[3], eps) : channel_coef<float, T>(acc[2], acc[3], eps);
+}
 
 // Rows [0, rows) of a run; fn(r0, r1) handles a range of rows. Parallel when the run is big enough.
 template <typename F>
@@ -110,9 +128,11 @@ inline void elementwise(int64_t lo, int64_t hi, const F& elem) {
 }
 
 // ------------------------------------------------------------------------------------------------ AdamP
+// Pass 1. spec_coef (kSpecChannel only) receives each row's guessed coefficient; stats_double says whether the
+// stats buffer (and so projection.decide) works in double.
 template <typename P, typename T, int MODE, bool NEST>
 void adam_pass1_impl(const P* g, P* p, T* m, T* v, int64_t rows, int64_t len, const AdamScalars& s,
-                     std::vector<double>* sums) {
+                     std::vector<double>* sums, T* spec_coef, bool stats_double) {
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
     // locals, not captures: the compiler keeps them in registers (a captured reference might alias m or p)
     const T b1 = s.beta1, b2 = s.beta2, ob1 = 1 - s.beta1, ob2 = 1 - s.beta2, eps = s.eps_s, step = s.step;
@@ -133,9 +153,12 @@ void adam_pass1_impl(const P* g, P* p, T* m, T* v, int64_t rows, int64_t len, co
       });
       return;
     }
+    std::vector<T> row_u(MODE == kSpecChannel ? len : 0);  // the row's update, in cache until it is applied
+    T* u = row_u.data();
     for (int64_t r = r0; r < r1; ++r) {
       double acc[4] = {0, 0, 0, 0};
-      blocked_sums<T>(r * len, (r + 1) * len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+      const int64_t base = r * len;
+      blocked_sums<T>(base, base + len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
         T gj, uj;
         moments(j, gj, uj);
         const T pj = up<T>(p[j]);
@@ -144,36 +167,57 @@ void adam_pass1_impl(const P* g, P* p, T* m, T* v, int64_t rows, int64_t len, co
         pp = madd(pj, pj, pp);
         pu = madd(pj, uj, pu);
         if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - step * uj);
+        if (MODE == kSpecChannel) u[j - base] = uj;
       });
+      if constexpr (MODE == kSpecChannel) {  // the same expression as pass 2's, with this row's coefficient
+        const T c = row_coef<T>(stats_double, acc, s.eps);
+        spec_coef[r] = c;
+#pragma omp simd
+        for (int64_t k = 0; k < len; ++k) {
+          const T pj = up<T>(p[base + k]);
+          p[base + k] = static_cast<P>(pj * decay - step * (u[k] - pj * c));
+        }
+      }
       double* out = sums->data();
       out[r] = acc[0], out[rows + r] = acc[1], out[2 * rows + r] = acc[2], out[3 * rows + r] = acc[3];
     }
   });
 }
 
-// Pass 2 on rows whose pass 1 was kFirst (REPAIR false) or kSpec (REPAIR true).
-template <typename P, typename T, bool NEST, bool REPAIR>
-int64_t adam_pass2_impl(const P* g, P* p, const T* m, const T* v, const T* coef, int64_t rows, int64_t len,
-                        const AdamScalars& s, double decay_slot, double decay_plain) {
-  const bool plain_decay = decay_slot == decay_plain;
-  if (REPAIR && plain_decay && std::all_of(coef, coef + rows, [](T c) { return c == 0; }))
-    return 0;  // the speculation was right: no parallel region at all
+// Rows whose decided (coefficient, decay) equal what a speculating pass 1 applied need no repair.
+template <typename T>
+bool guessed_right(int repair, T c, T d, const T* spec_coef, int64_t r, T d_spec) {
+  return d == d_spec && c == (repair == kRepairChannel ? spec_coef[r] : T(0));
+}
+
+// Pass 2: apply the decision (kApply), or repair the rows of a speculating pass 1 that guessed wrong. Returns the
+// rows written.
+template <typename P, typename T, bool NEST, int REPAIR>
+int64_t adam_pass2_impl(const P* g, P* p, const T* m, const T* v, const T* coef, const T* spec_coef, int64_t rows,
+                        int64_t len, const AdamScalars& s, double decay_slot) {
+  const T d = decay_slot, d_spec = s.decay;
+  if (REPAIR != kApply) {
+    bool all_right = true;
+    for (int64_t r = 0; r < rows && all_right; ++r) all_right = guessed_right<T>(REPAIR, coef[r], d, spec_coef, r, d_spec);
+    if (all_right) return 0;  // no parallel region at all
+  }
   std::vector<char> touched(rows, 0);
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
-    const T b1 = s.beta1, ob1 = 1 - s.beta1, eps = s.eps_s, step = s.step;
-    const T d = decay_slot, d_spec = s.decay, sign = s.maximize ? -1 : 1;
+    const T b1 = s.beta1, ob1 = 1 - s.beta1, eps = s.eps_s, step = s.step, sign = s.maximize ? -1 : 1;
     for (int64_t r = r0; r < r1; ++r) {
       const T c = coef[r];
-      const bool projected = c != 0 || !plain_decay;
-      touched[r] = projected;
-      if (REPAIR && !projected) continue;  // the speculated step was the right one
+      if (REPAIR != kApply && guessed_right<T>(REPAIR, c, d, spec_coef, r, d_spec)) continue;
+      touched[r] = 1;
+      // the old weight was p_spec = p_old * (d_spec + step * c_spec) - step * u
+      const double undo = static_cast<double>(d_spec) +
+                          (REPAIR == kRepairChannel ? static_cast<double>(step) * spec_coef[r] : 0.0);
 #pragma omp simd
       for (int64_t j = r * len; j < (r + 1) * len; ++j) {
         const T mj = m[j];
         const T num = NEST ? b1 * mj + ob1 * (sign * up<T>(g[j])) : mj;
         const T uj = num / (std::sqrt(v[j]) + eps);
-        if constexpr (REPAIR) {  // in double: the only error left is the rounding of the speculated weight
-          const double pj = (static_cast<double>(p[j]) + static_cast<double>(step) * uj) / d_spec;
+        if constexpr (REPAIR != kApply) {  // in double: the only error left is the rounding of the speculated weight
+          const double pj = (static_cast<double>(p[j]) + static_cast<double>(step) * uj) / undo;
           p[j] = static_cast<P>(pj * d - static_cast<double>(step) * (uj - pj * c));
         } else {
           const T pj = up<T>(p[j]);
@@ -190,7 +234,7 @@ int64_t adam_pass2_impl(const P* g, P* p, const T* m, const T* v, const T* coef,
 // ------------------------------------------------------------------------------------------------ SGDP
 template <typename P, typename T, int MODE, bool NEST>
 void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const SgdScalars& s,
-                    std::vector<double>* sums) {
+                    std::vector<double>* sums, T* spec_coef, bool stats_double) {
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
     const T mu = s.momentum, damp1 = s.damp1, lr = s.lr, decay = s.decay, sign = s.maximize ? -1 : 1;
     auto momentum = [&](int64_t j, T& gj, T& dj) {
@@ -207,9 +251,12 @@ void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const Sgd
       });
       return;
     }
+    std::vector<T> row_d(MODE == kSpecChannel ? len : 0);
+    T* u = row_d.data();
     for (int64_t r = r0; r < r1; ++r) {
       double acc[4] = {0, 0, 0, 0};
-      blocked_sums<T>(r * len, (r + 1) * len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+      const int64_t base = r * len;
+      blocked_sums<T>(base, base + len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
         T gj, dj;
         momentum(j, gj, dj);
         const T pj = up<T>(p[j]);
@@ -218,7 +265,20 @@ void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const Sgd
         pp = madd(pj, pj, pp);
         pu = madd(pj, dj, pu);
         if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - lr * dj);
+        if (MODE == kSpecChannel) u[j - base] = dj;
       });
+      if constexpr (MODE == kSpecChannel) {  // pass 2's expression; without Nesterov the buffer takes the projection
+        const T c = row_coef<T>(stats_double, acc, s.eps);
+        spec_coef[r] = c;
+        const bool write_buf = !NEST && c != 0;
+#pragma omp simd
+        for (int64_t k = 0; k < len; ++k) {
+          const T pj = up<T>(p[base + k]);
+          const T dp = u[k] - pj * c;
+          if (write_buf) b[base + k] = dp;
+          p[base + k] = static_cast<P>(pj * decay - lr * dp);
+        }
+      }
       double* out = sums->data();
       out[r] = acc[0], out[rows + r] = acc[1], out[2 * rows + r] = acc[2], out[3 * rows + r] = acc[3];
     }
@@ -226,30 +286,41 @@ void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const Sgd
 }
 
 // Without Nesterov the update is the momentum buffer itself, and (as in the reference) the projected update
-// is written back into it.
-template <typename P, typename T, bool NEST, bool REPAIR>
-int64_t sgd_pass2_impl(const P* g, P* p, T* b, const T* coef, int64_t rows, int64_t len, const SgdScalars& s,
-                       double decay_slot, double decay_plain) {
-  const bool plain_decay = decay_slot == decay_plain;
-  if (REPAIR && plain_decay && std::all_of(coef, coef + rows, [](T c) { return c == 0; }))
-    return 0;  // the speculation was right: no parallel region at all
+// is written back into it; a repair also restores the un-projected buffer where the guess projected wrongly.
+template <typename P, typename T, bool NEST, int REPAIR>
+int64_t sgd_pass2_impl(const P* g, P* p, T* b, const T* coef, const T* spec_coef, int64_t rows, int64_t len,
+                       const SgdScalars& s, double decay_slot) {
+  const T d = decay_slot, d_spec = s.decay;
+  if (REPAIR != kApply) {
+    bool all_right = true;
+    for (int64_t r = 0; r < rows && all_right; ++r) all_right = guessed_right<T>(REPAIR, coef[r], d, spec_coef, r, d_spec);
+    if (all_right) return 0;
+  }
   std::vector<char> touched(rows, 0);
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
-    const T mu = s.momentum, lr = s.lr, d = decay_slot, d_spec = s.decay, sign = s.maximize ? -1 : 1;
+    const T mu = s.momentum, lr = s.lr, sign = s.maximize ? -1 : 1;
     for (int64_t r = r0; r < r1; ++r) {
       const T c = coef[r];
-      const bool projected = c != 0 || !plain_decay;
-      touched[r] = projected;
-      if (REPAIR && !projected) continue;
-      const bool write_buf = !NEST && c != 0;
+      if (REPAIR != kApply && guessed_right<T>(REPAIR, c, d, spec_coef, r, d_spec)) continue;
+      touched[r] = 1;
+      const double cs = REPAIR == kRepairChannel ? static_cast<double>(spec_coef[r]) : 0.0;
+      const bool write_buf = !NEST && (c != 0 || cs != 0);
 #pragma omp simd
       for (int64_t j = r * len; j < (r + 1) * len; ++j) {
         const T bj = b[j];
         const T dj = NEST ? sign * up<T>(g[j]) + mu * bj : bj;
-        if constexpr (REPAIR) {  // in double, as for AdamP
-          const double pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * dj) / d_spec;
-          const double dp = dj - pj * c;
-          if (write_buf) b[j] = static_cast<T>(dp);
+        if constexpr (REPAIR != kApply) {  // in double, as for AdamP
+          // p_spec = p_old * d_spec - lr * (d_old - p_old * cs); without Nesterov b holds d_old - p_old * cs
+          double pj, d_old;
+          if (NEST) {
+            pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * dj) / (d_spec + static_cast<double>(lr) * cs);
+            d_old = dj;
+          } else {
+            pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * bj) / d_spec;
+            d_old = bj + pj * cs;
+          }
+          const double dp = d_old - pj * c;
+          if (write_buf) b[j] = static_cast<T>(c != 0 ? dp : d_old);
           p[j] = static_cast<P>(pj * d - static_cast<double>(lr) * dp);
         } else {
           const T pj = up<T>(p[j]);
@@ -307,14 +378,40 @@ void dispatch(const torch::Tensor& param, const torch::Tensor& state, const F& f
   }
 }
 
-// A run is the elements [start, start + rows * len) of the tensors' storage, viewed as (rows, len).
+// Calls fn(mode, nesterov) with both as compile-time constants; pass-1 modes 0-3, pass-2 modes 0-2.
+template <int N, typename F>
+void with_mode(int64_t mode, bool nesterov, const F& fn) {
+  auto nest = [&](auto mode_c) { nesterov ? fn(mode_c, std::true_type{}) : fn(mode_c, std::false_type{}); };
+  TORCH_CHECK(mode >= 0 && mode < N, "hf_adamp fused: unknown mode ", mode);
+  switch (mode) {
+    case 0: return nest(std::integral_constant<int, 0>{});
+    case 1: return nest(std::integral_constant<int, 1>{});
+    case 2: return nest(std::integral_constant<int, 2>{});
+    default:
+      if constexpr (N > 3) return nest(std::integral_constant<int, 3>{});
+  }
+}
+
+// The rows [stat_row, stat_row + rows) of a per-row tensor (coef, spec_coef) in the state dtype.
+template <typename T>
+T* row_ptr(const torch::Tensor& t, int64_t stat_row, int64_t rows, const torch::Tensor& state, const char* what) {
+  TORCH_CHECK(t.scalar_type() == state.scalar_type(), "hf_adamp fused: ", what, " dtype differs from the state");
+  TORCH_CHECK(t.is_contiguous(), "hf_adamp fused: ", what, " is not contiguous");
+  check_run(t, stat_row, rows, what);
+  return t.data_ptr<T>() + stat_row;
+}
+
+// A run is the elements [start, start + rows * len) of the tensors' storage, viewed as (rows, len). spec_coef is
+// a per-stats-row buffer (state dtype) that kSpecChannel fills; decay is what full and speculating runs apply.
 void adam_first(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
                 int64_t start, int64_t rows, int64_t len, int64_t mode, torch::Tensor stats, int64_t stat_row,
-                double beta1, double beta2, double eps_s, double step, double decay, bool nesterov, bool maximize) {
+                torch::Tensor spec_coef, double beta1, double beta2, double eps_s, double step, double decay,
+                double eps, bool nesterov, bool maximize) {
   const int64_t n = rows * len;
   check_tensors({&grad, &param, &exp_avg, &exp_avg_sq}, param, start, n);
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
-  const AdamScalars s{beta1, beta2, eps_s, step, decay, nesterov, maximize};
+  const AdamScalars s{beta1, beta2, eps_s, step, decay, eps, nesterov, maximize};
+  const bool stats_double = stats.scalar_type() == at::kDouble;
   std::vector<double> sums(mode == kFull ? 0 : 4 * rows);
   dispatch(param, exp_avg, [&](auto p0, auto t0) {
     using P = decltype(p0);
@@ -323,37 +420,32 @@ void adam_first(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, 
     P* p = param.data_ptr<P>() + start;
     T* m = exp_avg.data_ptr<T>() + start;
     T* v = exp_avg_sq.data_ptr<T>() + start;
-    auto run = [&](auto mode_c, auto nest_c) {
+    T* sc = mode == kSpecChannel ? row_ptr<T>(spec_coef, stat_row, rows, exp_avg, "spec_coef") : nullptr;
+    with_mode<4>(mode, nesterov, [&](auto mode_c, auto nest_c) {
       constexpr int M = decltype(mode_c)::value;
+      constexpr bool NEST = decltype(nest_c)::value;
       if constexpr (M == kFull) {  // element-wise: split the elements, not the rows
         at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
-          adam_pass1_impl<P, T, M, decltype(nest_c)::value>(g + a, p + a, m + a, v + a, 1, b - a, s, nullptr);
+          adam_pass1_impl<P, T, M, NEST>(g + a, p + a, m + a, v + a, 1, b - a, s, nullptr, nullptr, false);
         });
       } else {
-        adam_pass1_impl<P, T, M, decltype(nest_c)::value>(g, p, m, v, rows, len, s, &sums);
+        adam_pass1_impl<P, T, M, NEST>(g, p, m, v, rows, len, s, &sums, sc, stats_double);
       }
-    };
-    auto with_nest = [&](auto mode_c) {
-      nesterov ? run(mode_c, std::true_type{}) : run(mode_c, std::false_type{});
-    };
-    if (mode == kFirst) with_nest(std::integral_constant<int, kFirst>{});
-    else if (mode == kSpec) with_nest(std::integral_constant<int, kSpec>{});
-    else with_nest(std::integral_constant<int, kFull>{});
+    });
   });
   if (mode != kFull) add_sums(sums, rows, stats, stat_row);
 }
 
+// decay_spec is what a speculating pass 1 applied (rounded here like the decay tensor, to compare with it).
 int64_t adam_second(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
-                    int64_t start, int64_t rows, int64_t len, bool repair, torch::Tensor coef, int64_t stat_row,
-                    torch::Tensor decay, int64_t slot, double beta1, double eps_s, double step, double decay_spec,
-                    double decay_plain, bool nesterov, bool maximize) {
+                    int64_t start, int64_t rows, int64_t len, int64_t repair, torch::Tensor coef, int64_t stat_row,
+                    torch::Tensor spec_coef, torch::Tensor decay, int64_t slot, double beta1, double eps_s,
+                    double step, double decay_spec, bool nesterov, bool maximize) {
   const int64_t n = rows * len;
   check_tensors({&grad, &param, &exp_avg, &exp_avg_sq}, param, start, n);
-  TORCH_CHECK(coef.scalar_type() == exp_avg.scalar_type(), "hf_adamp fused: coef dtype differs from the state");
-  check_run(coef, stat_row, rows, "coef");
-  double plain_rounded = 0;
-  const double d = read_scalar(decay, slot, &plain_rounded, decay_plain);
-  const AdamScalars s{beta1, 0, eps_s, step, decay_spec, nesterov, maximize};
+  double spec_rounded = 0;
+  const double d = read_scalar(decay, slot, &spec_rounded, decay_spec);
+  const AdamScalars s{beta1, 0, eps_s, step, spec_rounded, 0, nesterov, maximize};
   int64_t count = 0;
   dispatch(param, exp_avg, [&](auto p0, auto t0) {
     using P = decltype(p0);
@@ -362,26 +454,24 @@ int64_t adam_second(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_a
     P* p = param.data_ptr<P>() + start;
     const T* m = exp_avg.data_ptr<T>() + start;
     const T* v = exp_avg_sq.data_ptr<T>() + start;
-    const T* c = coef.data_ptr<T>() + stat_row;
-    auto run = [&](auto nest_c, auto repair_c) {
-      count = adam_pass2_impl<P, T, decltype(nest_c)::value, decltype(repair_c)::value>(
-          g, p, m, v, c, rows, len, s, d, plain_rounded);
-    };
-    auto with_repair = [&](auto nest_c) {
-      repair ? run(nest_c, std::true_type{}) : run(nest_c, std::false_type{});
-    };
-    nesterov ? with_repair(std::true_type{}) : with_repair(std::false_type{});
+    const T* c = row_ptr<T>(coef, stat_row, rows, exp_avg, "coef");
+    const T* sc = repair == kRepairChannel ? row_ptr<T>(spec_coef, stat_row, rows, exp_avg, "spec_coef") : nullptr;
+    with_mode<3>(repair, nesterov, [&](auto mode_c, auto nest_c) {
+      count = adam_pass2_impl<P, T, decltype(nest_c)::value, decltype(mode_c)::value>(g, p, m, v, c, sc, rows, len,
+                                                                                          s, d);
+    });
   });
   return count;
 }
 
 void sgd_first(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_buffer, int64_t start, int64_t rows,
-               int64_t len, int64_t mode, torch::Tensor stats, int64_t stat_row, double momentum, double dampening,
-               double lr, double decay, bool nesterov, bool maximize) {
+               int64_t len, int64_t mode, torch::Tensor stats, int64_t stat_row, torch::Tensor spec_coef,
+               double momentum, double dampening, double lr, double decay, double eps, bool nesterov, bool maximize) {
   const int64_t n = rows * len;
   check_tensors({&grad, &param, &momentum_buffer}, param, start, n);
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
-  const SgdScalars s{momentum, 1 - dampening, lr, decay, nesterov, maximize};
+  const SgdScalars s{momentum, 1 - dampening, lr, decay, eps, nesterov, maximize};
+  const bool stats_double = stats.scalar_type() == at::kDouble;
   std::vector<double> sums(mode == kFull ? 0 : 4 * rows);
   dispatch(param, momentum_buffer, [&](auto p0, auto t0) {
     using P = decltype(p0);
@@ -389,37 +479,31 @@ void sgd_first(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_b
     const P* g = grad.data_ptr<P>() + start;
     P* p = param.data_ptr<P>() + start;
     T* b = momentum_buffer.data_ptr<T>() + start;
-    auto run = [&](auto mode_c, auto nest_c) {
+    T* sc = mode == kSpecChannel ? row_ptr<T>(spec_coef, stat_row, rows, momentum_buffer, "spec_coef") : nullptr;
+    with_mode<4>(mode, nesterov, [&](auto mode_c, auto nest_c) {
       constexpr int M = decltype(mode_c)::value;
+      constexpr bool NEST = decltype(nest_c)::value;
       if constexpr (M == kFull) {
         at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t c) {
-          sgd_pass1_impl<P, T, M, decltype(nest_c)::value>(g + a, p + a, b + a, 1, c - a, s, nullptr);
+          sgd_pass1_impl<P, T, M, NEST>(g + a, p + a, b + a, 1, c - a, s, nullptr, nullptr, false);
         });
       } else {
-        sgd_pass1_impl<P, T, M, decltype(nest_c)::value>(g, p, b, rows, len, s, &sums);
+        sgd_pass1_impl<P, T, M, NEST>(g, p, b, rows, len, s, &sums, sc, stats_double);
       }
-    };
-    auto with_nest = [&](auto mode_c) {
-      nesterov ? run(mode_c, std::true_type{}) : run(mode_c, std::false_type{});
-    };
-    if (mode == kFirst) with_nest(std::integral_constant<int, kFirst>{});
-    else if (mode == kSpec) with_nest(std::integral_constant<int, kSpec>{});
-    else with_nest(std::integral_constant<int, kFull>{});
+    });
   });
   if (mode != kFull) add_sums(sums, rows, stats, stat_row);
 }
 
 int64_t sgd_second(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_buffer, int64_t start,
-                   int64_t rows, int64_t len, bool repair, torch::Tensor coef, int64_t stat_row, torch::Tensor decay,
-                   int64_t slot, double momentum, double lr, double decay_spec, double decay_plain, bool nesterov,
-                   bool maximize) {
+                   int64_t rows, int64_t len, int64_t repair, torch::Tensor coef, int64_t stat_row,
+                   torch::Tensor spec_coef, torch::Tensor decay, int64_t slot, double momentum, double lr,
+                   double decay_spec, bool nesterov, bool maximize) {
   const int64_t n = rows * len;
   check_tensors({&grad, &param, &momentum_buffer}, param, start, n);
-  TORCH_CHECK(coef.scalar_type() == momentum_buffer.scalar_type(), "hf_adamp fused: coef dtype differs from state");
-  check_run(coef, stat_row, rows, "coef");
-  double plain_rounded = 0;
-  const double d = read_scalar(decay, slot, &plain_rounded, decay_plain);
-  const SgdScalars s{momentum, 0, lr, decay_spec, nesterov, maximize};
+  double spec_rounded = 0;
+  const double d = read_scalar(decay, slot, &spec_rounded, decay_spec);
+  const SgdScalars s{momentum, 0, lr, spec_rounded, 0, nesterov, maximize};
   int64_t count = 0;
   dispatch(param, momentum_buffer, [&](auto p0, auto t0) {
     using P = decltype(p0);
@@ -427,15 +511,13 @@ int64_t sgd_second(torch::Tensor grad, torch::Tensor param, torch::Tensor moment
     const P* g = grad.data_ptr<P>() + start;
     P* p = param.data_ptr<P>() + start;
     T* b = momentum_buffer.data_ptr<T>() + start;
-    const T* c = coef.data_ptr<T>() + stat_row;
-    auto run = [&](auto nest_c, auto repair_c) {
-      count = sgd_pass2_impl<P, T, decltype(nest_c)::value, decltype(repair_c)::value>(g, p, b, c, rows, len, s, d,
-                                                                                        plain_rounded);
-    };
-    auto with_repair = [&](auto nest_c) {
-      repair ? run(nest_c, std::true_type{}) : run(nest_c, std::false_type{});
-    };
-    nesterov ? with_repair(std::true_type{}) : with_repair(std::false_type{});
+    const T* c = row_ptr<T>(coef, stat_row, rows, momentum_buffer, "coef");
+    const T* sc =
+        repair == kRepairChannel ? row_ptr<T>(spec_coef, stat_row, rows, momentum_buffer, "spec_coef") : nullptr;
+    with_mode<3>(repair, nesterov, [&](auto mode_c, auto nest_c) {
+      count = sgd_pass2_impl<P, T, decltype(nest_c)::value, decltype(mode_c)::value>(g, p, b, c, sc, rows, len, s,
+                                                                                         d);
+    });
   });
   return count;
 }
@@ -444,7 +526,7 @@ int64_t sgd_second(torch::Tensor grad, torch::Tensor param, torch::Tensor moment
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_first", &adam_first, "AdamP pass 1: moments, row sums; finishes full/speculated runs");
-  m.def("adam_second", &adam_second, "AdamP pass 2: projection, weight decay, step (or repair); projected rows");
+  m.def("adam_second", &adam_second, "AdamP pass 2: projection, weight decay, step (or repair); rows written");
   m.def("sgd_first", &sgd_first, "SGDP pass 1: momentum, row sums; finishes full/speculated runs");
-  m.def("sgd_second", &sgd_second, "SGDP pass 2: projection, weight decay, step (or repair); projected rows");
+  m.def("sgd_second", &sgd_second, "SGDP pass 2: projection, weight decay, step (or repair); rows written");
 }

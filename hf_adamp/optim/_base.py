@@ -70,7 +70,8 @@ class Item:
     group: dict[str, Any]
     segments: list[Segment]
     scalars: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Tensor] = field(default_factory=dict)  # plain path: whole-tensor update
+    extra: dict[str, Any] = field(default_factory=dict)  # plain path: whole-tensor update; fused: its plan
+    specs: list[ParamSpec] = field(default_factory=list)  # the step's parameter slots (full shapes)
 
 
 @dataclass
@@ -252,6 +253,7 @@ class ProjectedOptimizer(Optimizer):
         # 1-D parameters listed in a layout have a slot but no rows: never projected, not reported
         keys = [k if spec.rows else None for k, spec in zip(keys, specs, strict=True)]
         self._records[record_key] = StepRecord(keys, decision.kind, decision.weight_norm, lr)
+        self._step_kinds: Tensor | list[int] = decision.kind
 
         coefs: dict[torch.dtype, Tensor] = {}
         for item in items:
@@ -260,6 +262,12 @@ class ProjectedOptimizer(Optimizer):
                 coefs[dt] = decision.coef.to(dt)
             (self._second_fast if self._fast(item) else self._second_plain)(item, coefs[dt], decay)
         return loss
+
+    def _slot_kinds(self) -> list[int]:
+        """This step's decision per slot as host ints (a sync on accelerators: only the CPU kernels use it)."""
+        if isinstance(self._step_kinds, Tensor):
+            self._step_kinds = self._step_kinds.tolist()
+        return self._step_kinds
 
     @staticmethod
     def _fast(item: Item) -> bool:
@@ -313,7 +321,7 @@ class ProjectedOptimizer(Optimizer):
                     p, grad, state = p.to_local(), grad.to_local(), LocalState(state)
                 if grad.stride() != p.stride():
                     grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
-                items.append(Item(p, grad, state, group, segments))
+                items.append(Item(p, grad, state, group, segments, specs=specs))
         return items, specs, slot_groups, keys
 
     def _check_tensor(self, p: Tensor) -> None:

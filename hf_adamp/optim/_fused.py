@@ -1,20 +1,23 @@
 """Glue between the phased step and the fused CPU kernels of ``hf_adamp.kernels``.
 
 Each local tensor's segments are merged back into runs (one kernel call per parameter piece, not per
-cache-sized chunk), and every projectable run gets a pass-1 mode:
+cache-sized chunk), and every run gets a pass-1 mode:
 
 * FULL: never projected (1-D parameters): the whole step in one pass;
-* FIRST: projectable: moments and row sums in pass 1, the decided step in pass 2;
-* SPEC (opt-in, ``HF_ADAMP_SPECULATE=1``): projectable, and not projected at the previous step: the whole
-  step in one pass, speculating that it stays unprojected; pass 2 repairs the rows whose decision says
-  otherwise (rare, costs one more pass).
+* FIRST: moments and row sums in pass 1, the decided step in pass 2 (40 bytes per fp32 parameter);
+* SPEC: the previous step did not project this parameter: the whole step in one pass, guessing that it stays
+  unprojected;
+* SPEC_CHANNEL: the previous step projected it channel-wise and the run holds whole rows: the whole step in one
+  pass, each row projected with its own coefficient as it is computed (the row stays in cache).
 
-SPEC moves the bytes of torch's fused AdamW/SGD (one read of g, p and the state, one write of p and the
-state) instead of the ~1.4x of two passes. It recovers the old weight as (p_new + step * u) / decay, which
-costs an ulp or two of fp32/fp64 on repaired rows, and would cost far more on fp16/bf16 weights, which
-therefore always take FIRST. It is off by default: the result then depends on what the previous step
-decided, which is not in the optimizer's state, so a run resumed from a checkpoint would differ from an
-uninterrupted one by those ulps instead of being bit-identical.
+A speculating run moves the bytes of torch's fused AdamW/SGD (28 bytes per fp32 parameter for Adam). A right
+SPEC guess gives exactly the bits of the two-pass step; a right SPEC_CHANNEL guess agrees with it up to the last
+bit of the coefficient (see ``needs_pass2``). Pass 2 repairs the rows of a wrong guess, recovering the old
+weight in double (an ulp or two of fp32/fp64); fp16/bf16 weights would lose far more, so they always take FIRST,
+as do layer-projected parameters (their coefficient needs the whole tensor's sums before any element is final).
+The guess is the previous step's outcome, kept per run in the optimizer state under ``last_projection``
+(a list of ints), so that a run resumed from a checkpoint guesses, and rounds, exactly like an uninterrupted one.
+``HF_ADAMP_SPECULATE=0`` turns speculation off (two passes for every projectable run).
 """
 
 from __future__ import annotations
@@ -26,15 +29,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import kernels
+from .. import kernels, projection
 from ..sharding.layout import Segment
 from ._base import Item, flat, state_dtype
 
-FIRST, FULL, SPEC = 0, 1, 2
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Speculation divides by the decay factor; below this it would lose precision (huge weight decay only).
-_MIN_SPEC_DECAY = 0.5
+FIRST, FULL, SPEC, SPEC_CHANNEL = 0, 1, 2, 3
+# pass-2 mode for each pass-1 mode: apply the decision, or repair a guess
+APPLY, REPAIR, REPAIR_CHANNEL = 0, 1, 2
+PASS2 = {FIRST: APPLY, SPEC: REPAIR, SPEC_CHANNEL: REPAIR_CHANNEL}
+MEMORY_KEY = "last_projection"
 SPECULATE_ENV = "HF_ADAMP_SPECULATE"
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Repairs divide by the speculated decay; below this they would lose precision (huge weight decay only).
+_MIN_SPEC_DECAY = 0.5
 
 
 @dataclass
@@ -44,6 +51,8 @@ class Plan:
     runs: list[Segment]
     modes: list[int]
     tensors: list[Tensor]  # grad, param, then the state tensors (the kernels address their storage)
+    spec_coef: Tensor  # per stats row: the coefficient a SPEC_CHANNEL run applied
+    decays: tuple[float, float]  # the weight-decay factors (not projected, projected) pass 1 used
 
 
 def usable(item: Item, state_keys: tuple[str, ...]) -> bool:
@@ -56,6 +65,10 @@ def usable(item: Item, state_keys: tuple[str, ...]) -> bool:
         and all(item.state[k].dtype == state_dtype(p) for k in state_keys)
         and kernels.available()
     )
+
+
+def speculation_enabled() -> bool:
+    return os.environ.get(SPECULATE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def merge_runs(segments: list[Segment]) -> list[Segment]:
@@ -84,9 +97,8 @@ def merge_runs(segments: list[Segment]) -> list[Segment]:
     return out
 
 
-def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decay: float) -> Plan:
+def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decays: tuple[float, float], stats: Tensor) -> Plan:
     """Runs and their pass-1 modes, from what the previous step decided for each run."""
-    projected_before = _memory(opt)
     key = id(item.param)
     segs = item.segments
     cached = _runs_cache(opt).get(key)
@@ -96,20 +108,58 @@ def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decay: float) -> Pla
         flat(item.param)  # raises, with advice, where the rows are not contiguous in memory
         runs = merge_runs(segs)
         _runs_cache(opt)[key] = (list(segs), runs)
+    memory = item.state.get(MEMORY_KEY)
+    if not isinstance(memory, list) or len(memory) != len(runs):
+        memory = None
     speculate = (
-        os.environ.get(SPECULATE_ENV) == "1"
+        memory is not None
+        and speculation_enabled()
         and state_dtype(item.param) == item.param.dtype
-        and decay >= _MIN_SPEC_DECAY
+        and min(decays) >= _MIN_SPEC_DECAY
     )
-    modes = [
-        FULL if run.slot < 0 else SPEC if speculate and not projected_before.get((key, run.start), False) else FIRST
-        for run in runs
-    ]
-    return Plan(runs, modes, [item.grad, item.param] + [item.state[k] for k in state_keys])
+    modes = []
+    for i, run in enumerate(runs):
+        if run.slot < 0:
+            modes.append(FULL)
+        elif not speculate or memory[i] == projection.LAYER:
+            modes.append(FIRST)
+        elif memory[i] == projection.CHANNEL:
+            # whole rows only: a row cut by a shard boundary needs the other ranks' sums for its coefficient
+            whole = run.row_len == item.specs[run.slot].row_len
+            modes.append(SPEC_CHANNEL if whole else FIRST)
+        else:
+            modes.append(SPEC)
+    spec_coef = _spec_coef(opt, stats, state_dtype(item.param)) if SPEC_CHANNEL in modes else stats
+    return Plan(runs, modes, [item.grad, item.param] + [item.state[k] for k in state_keys], spec_coef, decays)
 
 
-def remember(opt: Any, item: Item, run: Segment, projected_rows: int) -> None:
-    _memory(opt)[id(item.param), run.start] = projected_rows > 0
+def pass1_decay(plan: Plan, mode: int) -> float:
+    """The weight-decay factor a pass-1 mode applies (a guess of the decision for speculating modes)."""
+    return plan.decays[1] if mode == SPEC_CHANNEL else plan.decays[0]
+
+
+def needs_pass2(opt: Any, run: Segment, mode: int) -> bool:
+    """FULL runs are done; a SPEC_CHANNEL run is done when the decision is channel. Its coefficients then come
+    from the kernel's own (IEEE) square root, which can differ from torch's in the last bit: the two-pass step
+    and a right channel guess agree to an ulp of the coefficient, not always bit for bit."""
+    if mode == FULL:
+        return False
+    return mode != SPEC_CHANNEL or opt._slot_kinds()[run.slot] != projection.CHANNEL
+
+
+def remember(opt: Any, item: Item, plan: Plan) -> None:
+    """Keep this step's outcome of every run in the state: the next step's guess."""
+    kinds = opt._slot_kinds()
+    item.state[MEMORY_KEY] = [kinds[run.slot] if run.slot >= 0 else projection.NONE for run in plan.runs]
+
+
+def _spec_coef(opt: Any, stats: Tensor, dtype: torch.dtype) -> Tensor:
+    # one buffer per step and dtype, indexed by statistics row like the decided coefficients
+    cache = opt.__dict__.setdefault("_fused_spec_coef", {})
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < stats.shape[1]:
+        buf = cache[dtype] = torch.zeros(stats.shape[1], dtype=dtype)
+    return buf
 
 
 def _runs_cache(opt: Any) -> dict[int, tuple[list[Segment], list[Segment]]]:
@@ -118,11 +168,3 @@ def _runs_cache(opt: Any) -> dict[int, tuple[list[Segment], list[Segment]]]:
     if cache is None:
         cache = opt.__dict__["_fused_runs"] = {}
     return cache
-
-
-def _memory(opt: Any) -> dict[tuple[int, int], bool]:
-    # a runtime attribute (not state): the previous step's outcome per run, used to choose SPEC or FIRST
-    memory = opt.__dict__.get("_fused_projected")
-    if memory is None:
-        memory = opt.__dict__["_fused_projected"] = {}
-    return memory

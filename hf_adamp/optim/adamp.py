@@ -218,13 +218,14 @@ class AdamP(ProjectedOptimizer):
     # ----- fused kernels (hf_adamp.kernels): one call per run, no chunking -----
     def _first_kernel(self, item: Item, stats: Tensor) -> None:
         s, group = item.scalars, item.group
-        plan = _fused.plan(self, item, _STATE, s["decay"])
+        plan = _fused.plan(self, item, _STATE, self._decay_factors(group), stats)
         first = kernels.module().adam_first
         eps_s, step = s["eps"] * s["sqrt_bc2"], s["step_size"] * s["sqrt_bc2"]
         for run, mode in zip(plan.runs, plan.modes):
             first(
-                *plan.tensors, run.start, run.rows, run.row_len, mode, stats, max(run.stat_row, 0),
-                s["beta1"], s["beta2"], eps_s, step, s["decay"], group["nesterov"], group["maximize"],
+                *plan.tensors, run.start, run.rows, run.row_len, mode, stats, max(run.stat_row, 0), plan.spec_coef,
+                s["beta1"], s["beta2"], eps_s, step, _fused.pass1_decay(plan, mode), s["eps"], group["nesterov"],
+                group["maximize"],
             )  # fmt: skip
         if any(mode != _fused.FULL for mode in plan.modes):
             item.extra["fused"] = plan
@@ -234,14 +235,14 @@ class AdamP(ProjectedOptimizer):
         second = kernels.module().adam_second
         eps_s, step = s["eps"] * s["sqrt_bc2"], s["step_size"] * s["sqrt_bc2"]
         for run, mode in zip(plan.runs, plan.modes):
-            if mode == _fused.FULL:
+            if not _fused.needs_pass2(self, run, mode):
                 continue
-            projected_rows = second(
-                *plan.tensors, run.start, run.rows, run.row_len, mode == _fused.SPEC, coef, run.stat_row,
-                decay, run.slot, s["beta1"], eps_s, step, s["decay"], s["decay"], group["nesterov"],
-                group["maximize"],
+            second(
+                *plan.tensors, run.start, run.rows, run.row_len, _fused.PASS2[mode], coef, run.stat_row,
+                plan.spec_coef, decay, run.slot, s["beta1"], eps_s, step, _fused.pass1_decay(plan, mode),
+                group["nesterov"], group["maximize"],
             )  # fmt: skip
-            _fused.remember(self, item, run, projected_rows)
+        _fused.remember(self, item, plan)
 
     # ----- fused variant: torch's fused AdamW kernel applies the step -----
     # AdamP's step is AdamW's step on a weight pre-scaled row by row:

@@ -194,12 +194,13 @@ class SGDP(ProjectedOptimizer):
     # ----- fused kernels (hf_adamp.kernels): one call per run, no chunking -----
     def _first_kernel(self, item: Item, stats: Tensor) -> None:
         s, group = item.scalars, item.group
-        plan = _fused.plan(self, item, _STATE, s["decay"])
+        plan = _fused.plan(self, item, _STATE, self._decay_factors(group), stats)
         first = kernels.module().sgd_first
         for run, mode in zip(plan.runs, plan.modes):
             first(
-                *plan.tensors, run.start, run.rows, run.row_len, mode, stats, max(run.stat_row, 0),
-                s["momentum"], s["dampening"], s["lr"], s["decay"], group["nesterov"], group["maximize"],
+                *plan.tensors, run.start, run.rows, run.row_len, mode, stats, max(run.stat_row, 0), plan.spec_coef,
+                s["momentum"], s["dampening"], s["lr"], _fused.pass1_decay(plan, mode), group["eps"],
+                group["nesterov"], group["maximize"],
             )  # fmt: skip
         if any(mode != _fused.FULL for mode in plan.modes):
             item.extra["fused"] = plan
@@ -208,14 +209,14 @@ class SGDP(ProjectedOptimizer):
         s, group = item.scalars, item.group
         second = kernels.module().sgd_second
         for run, mode in zip(plan.runs, plan.modes):
-            if mode == _fused.FULL:
+            if not _fused.needs_pass2(self, run, mode):
                 continue
-            projected_rows = second(
-                *plan.tensors, run.start, run.rows, run.row_len, mode == _fused.SPEC, coef, run.stat_row,
-                decay, run.slot, s["momentum"], s["lr"], s["decay"], s["decay"], group["nesterov"],
-                group["maximize"],
+            second(
+                *plan.tensors, run.start, run.rows, run.row_len, _fused.PASS2[mode], coef, run.stat_row,
+                plan.spec_coef, decay, run.slot, s["momentum"], s["lr"], _fused.pass1_decay(plan, mode),
+                group["nesterov"], group["maximize"],
             )  # fmt: skip
-            _fused.remember(self, item, run, projected_rows)
+        _fused.remember(self, item, plan)
 
     @staticmethod
     def _direction(out: Tensor, buf: Tensor, grad: Tensor | None, s: dict, nesterov: bool, seg: Any) -> Tensor:
