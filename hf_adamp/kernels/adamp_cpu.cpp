@@ -522,6 +522,80 @@ int64_t sgd_second(torch::Tensor grad, torch::Tensor param, torch::Tensor moment
   return count;
 }
 
+// ------------------------------------------------------------------------------------------------ decision
+// projection.decide for a CPU stats buffer, in one sequential pass instead of a dozen tensor ops (its cost is
+// per row, and at GPT-2 shapes the ops' overhead was a tenth of the step). Same maths and dtype S; layer sums
+// are accumulated in double. Square roots are IEEE here, so the channel coefficients are exactly the ones a
+// speculating pass 1 computes (channel_coef).
+template <typename S>
+void decide_impl(const S* stats, int64_t stride, const int64_t* counts, const double* row_len, const double* numel,
+                 const double* delta, const double* eps, int64_t slots, S* coef, bool* projected, int8_t* kind,
+                 S* weight_norm) {
+  const S* gp = stats;
+  const S* gg = stats + stride;
+  const S* pp = stats + 2 * stride;
+  const S* pu = stats + 3 * stride;
+  int64_t r0 = 0;
+  for (int64_t k = 0; k < slots; ++k) {
+    const int64_t r1 = r0 + counts[k];
+    const S e = static_cast<S>(eps[k]);
+    S cos_max = -1;
+    bool nan = false;  // a NaN cosine fails the test, as torch's amax would make it
+    double l_gp = 0, l_gg = 0, l_pp = 0, l_pu = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const S cos = std::abs(gp[r]) / (std::max(std::sqrt(gg[r]), e) * std::max(std::sqrt(pp[r]), e));
+      nan |= std::isnan(cos);
+      cos_max = std::max(cos_max, cos);
+      l_gp += gp[r], l_gg += gg[r], l_pp += pp[r], l_pu += pu[r];
+    }
+    // slots without rows (1-D parameters listed in a layout) are never projected
+    const bool channel =
+        counts[k] > 0 && !nan && cos_max < static_cast<S>(delta[k]) / std::sqrt(static_cast<S>(row_len[k]));
+    const S lgp = static_cast<S>(l_gp), lgg = static_cast<S>(l_gg), lpp = static_cast<S>(l_pp);
+    const S l_norm = std::sqrt(lpp);
+    const S layer_cos = std::abs(lgp) / (std::max(std::sqrt(lgg), e) * std::max(l_norm, e));
+    const bool layer = !channel && counts[k] > 0 &&
+                       layer_cos < static_cast<S>(delta[k]) / std::sqrt(static_cast<S>(numel[k]));
+    const S l_den = l_norm + e;
+    const S l_coef = static_cast<S>(l_pu) / (l_den * l_den);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (channel) {
+        const S den = std::sqrt(pp[r]) + e;
+        coef[r] = pu[r] / (den * den);
+      } else {
+        coef[r] = layer ? l_coef : S(0);
+      }
+    }
+    projected[k] = channel || layer;
+    kind[k] = channel ? 1 : layer ? 2 : 0;
+    weight_norm[k] = l_norm;
+    r0 = r1;
+  }
+}
+
+std::vector<torch::Tensor> decide(torch::Tensor stats, torch::Tensor counts, torch::Tensor row_len,
+                                  torch::Tensor numel, torch::Tensor delta, torch::Tensor eps) {
+  TORCH_CHECK(stats.device().is_cpu() && stats.dim() == 2 && stats.size(0) == 4 && stats.stride(1) == 1,
+              "hf_adamp decide: stats must be a (4, rows) CPU tensor with contiguous rows");
+  const int64_t slots = counts.numel();
+  for (const auto* t : {&row_len, &numel, &delta, &eps})
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->numel() == slots && t->is_contiguous(),
+                "hf_adamp decide: per-slot arguments must be contiguous float64 tensors of one length");
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous(), "hf_adamp decide: counts must be int64");
+  TORCH_CHECK(counts.sum().item<int64_t>() == stats.size(1), "hf_adamp decide: row counts do not add up to the rows");
+  auto coef = torch::empty({stats.size(1)}, stats.options());
+  auto projected = torch::empty({slots}, stats.options().dtype(at::kBool));
+  auto kind = torch::empty({slots}, stats.options().dtype(at::kChar));
+  auto weight_norm = torch::empty({slots}, stats.options());
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "hf_adamp_decide", [&] {
+    decide_impl<scalar_t>(stats.data_ptr<scalar_t>(), stats.stride(0), counts.data_ptr<int64_t>(),
+                          row_len.data_ptr<double>(), numel.data_ptr<double>(), delta.data_ptr<double>(),
+                          eps.data_ptr<double>(), slots, coef.data_ptr<scalar_t>(), projected.data_ptr<bool>(),
+                          kind.data_ptr<int8_t>(), weight_norm.data_ptr<scalar_t>());
+  });
+  return {coef, projected, kind, weight_norm};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -529,4 +603,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_second", &adam_second, "AdamP pass 2: projection, weight decay, step (or repair); rows written");
   m.def("sgd_first", &sgd_first, "SGDP pass 1: momentum, row sums; finishes full/speculated runs");
   m.def("sgd_second", &sgd_second, "SGDP pass 2: projection, weight decay, step (or repair); rows written");
+  m.def("decide", &decide, "projection.decide on a CPU stats buffer: coef, projected, kind, weight_norm");
 }

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import projection
+from .. import kernels, projection
 from ..sharding.layout import Layout, ParamSpec, Piece, Segment, split_piece
 
 # Elements per chunk on the fast path: every operand's chunk stays in cache between the chunk's operations.
@@ -97,6 +97,7 @@ class ProjectedOptimizer(Optimizer):
         self._reducer: Reducer | None = None
         self._record_given()
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._stats: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         # last record per layout (None: unsharded), so engines that step group by group report them all
         self._records: dict[int | None, StepRecord] = {}
 
@@ -236,7 +237,7 @@ class ProjectedOptimizer(Optimizer):
         total_rows = layout.total_rows if layout is not None else sum(s.rows for s in specs)
         stats_dtype = torch.float64 if any(state_dtype(p) == torch.float64 for p in tensors) else torch.float32
         device = tensors[0].device if tensors else torch.device("cpu")
-        stats = torch.zeros((projection.NUM_STATS, total_rows), dtype=stats_dtype, device=device)
+        stats = self._stats_buffer(total_rows, stats_dtype, device)
 
         for item in items:
             self._prepare(item)
@@ -249,7 +250,9 @@ class ProjectedOptimizer(Optimizer):
         if total_rows == 0 or not items:
             self._records.pop(record_key, None)
             return loss
-        decision, decay, lr = self._decide(stats, specs, slot_groups)
+        # the fused CPU kernels' steps come with their decision in C++ too; other paths keep projection.decide
+        fused = any("fused" in item.extra for item in items)
+        decision, decay, lr = self._decide(stats, specs, slot_groups, fused)
         # 1-D parameters listed in a layout have a slot but no rows: never projected, not reported
         keys = [k if spec.rows else None for k, spec in zip(keys, specs, strict=True)]
         self._records[record_key] = StepRecord(keys, decision.kind, decision.weight_norm, lr)
@@ -334,7 +337,7 @@ class ProjectedOptimizer(Optimizer):
             raise TypeError(f"{name} needs floating-point parameters (got {p.dtype})")
 
     def _decide(
-        self, stats: Tensor, specs: list[ParamSpec], slot_groups: list[dict[str, Any] | None]
+        self, stats: Tensor, specs: list[ParamSpec], slot_groups: list[dict[str, Any] | None], fused: bool = False
     ) -> tuple[projection.Decision, Tensor, Tensor]:
         """Per-slot hyperparameters as tensors, then the batched decision, decay multipliers and lr."""
         dtype, device = stats.dtype, stats.device
@@ -351,12 +354,30 @@ class ProjectedOptimizer(Optimizer):
             d_plain, d_proj = self._decay_factors(group)
             plain.append(d_plain)
             projected.append(d_proj)
-        as_t = lambda xs: torch.tensor(xs, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
-        counts = torch.tensor([s.rows for s in specs]).to(device, non_blocking=True)
-        owner = torch.repeat_interleave(counts, output_size=stats.shape[1])  # row -> slot
-        decision = projection.decide(stats, owner, as_t(row_len), as_t(numel), as_t(delta), as_t(eps))
+        if fused and device.type == "cpu" and kernels.available():  # the same maths in one C++ loop
+            f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+            counts = torch.tensor([s.rows for s in specs], dtype=torch.int64)
+            decision = projection.Decision(
+                *kernels.module().decide(stats, counts, f64(row_len), f64(numel), f64(delta), f64(eps))
+            )
+            as_t = lambda xs: torch.tensor(xs, dtype=dtype)  # noqa: E731
+        else:
+            as_t = lambda xs: torch.tensor(xs, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
+            counts = torch.tensor([s.rows for s in specs]).to(device, non_blocking=True)
+            owner = torch.repeat_interleave(counts, output_size=stats.shape[1])  # row -> slot
+            decision = projection.decide(stats, owner, as_t(row_len), as_t(numel), as_t(delta), as_t(eps))
         decay = torch.where(decision.projected, as_t(projected), as_t(plain))
         return decision, decay, as_t(lr)
+
+    def _stats_buffer(self, rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The zeroed (4, rows) buffer of this step's sums, reused across steps (no allocation per step)."""
+        key = (rows, dtype, device)
+        buf = self._stats.get(key)
+        if buf is None:
+            buf = self._stats[key] = torch.zeros((projection.NUM_STATS, rows), dtype=dtype, device=device)
+        else:
+            buf.zero_()
+        return buf
 
     # ----- helpers for subclasses -----
     def scratch(self, dtype: torch.dtype, device: torch.device, count: int, elems: int) -> list[Tensor]:
@@ -429,7 +450,14 @@ class ProjectedOptimizer(Optimizer):
 
 
 def is_dtensor(t: Tensor) -> bool:
-    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+    kind = type(t)
+    known = _DTENSOR_TYPES.get(kind)
+    if known is None:  # by name: DTensor is only importable where torch.distributed is built
+        known = _DTENSOR_TYPES[kind] = any(c.__name__ == "DTensor" for c in kind.__mro__)
+    return known
+
+
+_DTENSOR_TYPES: dict[type, bool] = {}
 
 
 def is_sharded_tensor(t: Tensor) -> bool:

@@ -10,9 +10,8 @@ cache-sized chunk), and every run gets a pass-1 mode:
 * SPEC_CHANNEL: the previous step projected it channel-wise and the run holds whole rows: the whole step in one
   pass, each row projected with its own coefficient as it is computed (the row stays in cache).
 
-A speculating run moves the bytes of torch's fused AdamW/SGD (28 bytes per fp32 parameter for Adam). A right
-SPEC guess gives exactly the bits of the two-pass step; a right SPEC_CHANNEL guess agrees with it up to the last
-bit of the coefficient (see ``needs_pass2``). Pass 2 repairs the rows of a wrong guess, recovering the old
+A speculating run moves the bytes of torch's fused AdamW/SGD (28 bytes per fp32 parameter for Adam), and a right
+guess gives exactly the bits of the two-pass step. Pass 2 repairs the rows of a wrong guess, recovering the old
 weight in double (an ulp or two of fp32/fp64); fp16/bf16 weights would lose far more, so they always take FIRST,
 as do layer-projected parameters (their coefficient needs the whole tensor's sums before any element is final).
 The guess is the previous step's outcome, kept per run in the optimizer state under ``last_projection``
@@ -139,9 +138,8 @@ def pass1_decay(plan: Plan, mode: int) -> float:
 
 
 def needs_pass2(opt: Any, run: Segment, mode: int) -> bool:
-    """FULL runs are done; a SPEC_CHANNEL run is done when the decision is channel. Its coefficients then come
-    from the kernel's own (IEEE) square root, which can differ from torch's in the last bit: the two-pass step
-    and a right channel guess agree to an ulp of the coefficient, not always bit for bit."""
+    """FULL runs are done; so is a SPEC_CHANNEL run whose decision is channel (the kernels' decision computes
+    each row's coefficient exactly as the guess did)."""
     if mode == FULL:
         return False
     return mode != SPEC_CHANNEL or opt._slot_kinds()[run.slot] != projection.CHANNEL
