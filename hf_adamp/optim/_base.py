@@ -15,6 +15,7 @@ whole tensors and documents the maths, and a fast one that works in cache-sized 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -295,7 +296,7 @@ class ProjectedOptimizer(Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)  # a DTensor's state is DTensors too (checkpointable)
-                chunk = CHUNK_ELEMS if group.get("foreach") is not False else _WHOLE
+                chunk = self._chunk_elems(p, group)
                 if layout is not None:
                     if not layout.holds(p):
                         raise RuntimeError(
@@ -314,11 +315,10 @@ class ProjectedOptimizer(Optimizer):
                         specs.append(spec)
                         slot_groups.append(group)
                         keys.append(p)
-                        segments = split_piece(Piece(slot, 0, 0, p.numel()), spec, offset, chunk)
+                        segments = _split(Piece(slot, 0, 0, p.numel()), spec, offset, chunk)
                         offset += spec.rows
                     else:
-                        spec = ParamSpec((p.numel(),))
-                        segments = split_piece(Piece(-1, 0, 0, p.numel()), spec, 0, chunk)
+                        segments = _split(Piece(-1, 0, 0, p.numel()), ParamSpec((p.numel(),)), 0, chunk)
                 grad = p.grad
                 if is_dtensor(p):  # FSDP2: the step works on this rank's shard (its layout says which rows)
                     p, grad, state = p.to_local(), grad.to_local(), LocalState(state)
@@ -326,6 +326,14 @@ class ProjectedOptimizer(Optimizer):
                     grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
                 items.append(Item(p, grad, state, group, segments, specs=specs))
         return items, specs, slot_groups, keys
+
+    @staticmethod
+    def _chunk_elems(p: Tensor, group: dict[str, Any]) -> int:
+        """Segment size: whole pieces for the plain path and the fused CPU kernels (one call per piece),
+        cache-sized chunks for the eager fast path."""
+        if group.get("foreach") is False or (p.device.type == "cpu" and kernels.available()):
+            return _WHOLE
+        return CHUNK_ELEMS
 
     def _check_tensor(self, p: Tensor) -> None:
         name = type(self).__name__
@@ -447,6 +455,12 @@ class ProjectedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split(piece: Piece, spec: ParamSpec, stat_offset: int, max_elems: int) -> list[Segment]:
+    """split_piece for unsharded parameters, whose segments are the same every step (read-only lists)."""
+    return split_piece(piece, spec, stat_offset, max_elems)
 
 
 def is_dtensor(t: Tensor) -> bool:
