@@ -8,6 +8,11 @@ resident before it (Linux: VmHWM after clearing it).
     python benchmarks/step_time.py --model gpt2-small --rounds 15
     python benchmarks/step_time.py --model small --only adamp,adamw
     python benchmarks/step_time.py --only "adamw(fused),sgd(fused),hf_adamp.adamp,hf_adamp.sgdp" --skip plain
+    python benchmarks/step_time.py --grads orthogonal --only "fused),hf_adamp.adamp,hf_adamp.sgdp" --skip plain
+
+Gradients are fixed random tensors (``--grads random``: most weights are not projected, a few take the layer
+projection, and some change outcome between steps), or are made orthogonal to every row of their weight
+(``--grads orthogonal``: the scale-invariant case, where every matrix takes the channel projection).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 import hf_adamp
+from hf_adamp.optim._base import ProjectedOptimizer
 
 
 def gpt2_small_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, positions: int = 1024) -> list[tuple]:
@@ -112,6 +118,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings; keep optimizers whose name has one")
     ap.add_argument("--skip", default="", help="comma-separated substrings; drop optimizers whose name has one")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--grads", choices=("random", "orthogonal"), default="random", help="see the module docstring")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,10 +129,14 @@ def main() -> None:
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.randn_like(p) * 1e-3
+        if args.grads == "orthogonal" and p.dim() > 1:  # orthogonal to each row: a scale-invariant weight
+            w, g = p.detach().reshape(p.shape[0], -1), p.grad.view(p.shape[0], -1)
+            g -= w * (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True)
     n = sum(p.numel() for p in params)
     print(
         f"model {args.model}: {len(params)} tensors, {n / 1e6:.1f}M parameters; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus"
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {args.grads} gradients, load average "
+        f"{os.getloadavg()[0]:.1f}"
     )
 
     makers = candidates(params, lr=1e-7)
@@ -163,6 +174,12 @@ def main() -> None:
         cols += [f"{t / ref:10.2f}" if ref else f"{'-':>10s}" for ref in (ref_sgd_fused,)]
         peak = f"{max(mem[name]):9.0f}" if mem[name] else f"{'-':>9s}"
         print(f"{name:26s} {t * 1e3:10.1f} {first[name] * 1e3:9.1f} {' '.join(cols)} {peak}")
+    for name, opt in opts.items():
+        if isinstance(opt, ProjectedOptimizer):
+            kinds = list(opt.projection_decisions().values())
+            counts = {k: kinds.count(k) for k in ("channel", "layer", "none")}
+            print(f"{name}: last step's projections {counts}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
