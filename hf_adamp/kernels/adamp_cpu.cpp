@@ -270,14 +270,17 @@ void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const Sgd
       if constexpr (MODE == kSpecChannel) {  // pass 2's expression; without Nesterov the buffer takes the projection
         const T c = row_coef<T>(stats_double, acc, s.eps);
         spec_coef[r] = c;
-        const bool write_buf = !NEST && c != 0;
+        auto apply = [&](auto write_buf) {  // the branch hoisted out of the loop, so that it vectorises
 #pragma omp simd
-        for (int64_t k = 0; k < len; ++k) {
-          const T pj = up<T>(p[base + k]);
-          const T dp = u[k] - pj * c;
-          if (write_buf) b[base + k] = dp;
-          p[base + k] = static_cast<P>(pj * decay - lr * dp);
-        }
+          for (int64_t k = 0; k < len; ++k) {
+            const T pj = up<T>(p[base + k]);
+            const T dp = u[k] - pj * c;
+            if constexpr (decltype(write_buf)::value) b[base + k] = dp;
+            p[base + k] = static_cast<P>(pj * decay - lr * dp);
+          }
+        };
+        if (!NEST && c != 0) apply(std::true_type{});
+        else apply(std::false_type{});
       }
       double* out = sums->data();
       out[r] = acc[0], out[rows + r] = acc[1], out[2 * rows + r] = acc[2], out[3 * rows + r] = acc[3];
