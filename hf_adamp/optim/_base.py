@@ -220,6 +220,7 @@ class ProjectedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self.step_cache: dict[str, Any] = {}  # switches read once per step (they read the environment)
         layout = self._active_layout()
         if layout is None and self._engine_replaced_tensors():
             from ..sharding.auto import auto_attach  # deferred: sharding imports this module
@@ -327,11 +328,17 @@ class ProjectedOptimizer(Optimizer):
                 items.append(Item(p, grad, state, group, segments, specs=specs))
         return items, specs, slot_groups, keys
 
-    @staticmethod
-    def _chunk_elems(p: Tensor, group: dict[str, Any]) -> int:
+    def kernels_available(self) -> bool:
+        """``hf_adamp.kernels.available()``, asked once per step."""
+        cache = self.__dict__.setdefault("step_cache", {})
+        if "kernels" not in cache:
+            cache["kernels"] = kernels.available()
+        return cache["kernels"]
+
+    def _chunk_elems(self, p: Tensor, group: dict[str, Any]) -> int:
         """Segment size: whole pieces for the plain path and the fused CPU kernels (one call per piece),
         cache-sized chunks for the eager fast path."""
-        if group.get("foreach") is False or (p.device.type == "cpu" and kernels.available()):
+        if group.get("foreach") is False or (p.device.type == "cpu" and self.kernels_available()):
             return _WHOLE
         return CHUNK_ELEMS
 
@@ -362,7 +369,7 @@ class ProjectedOptimizer(Optimizer):
             d_plain, d_proj = self._decay_factors(group)
             plain.append(d_plain)
             projected.append(d_proj)
-        if fused and device.type == "cpu" and kernels.available():  # the same maths in one C++ loop
+        if fused and device.type == "cpu" and self.kernels_available():  # the same maths in one C++ loop
             f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
             counts = torch.tensor([s.rows for s in specs], dtype=torch.int64)
             decision = projection.Decision(

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import kernels, projection
+from .. import projection
 from ..sharding.layout import Segment
 from ._base import Item, flat, state_dtype
 
@@ -54,7 +54,7 @@ class Plan:
     decays: tuple[float, float]  # the weight-decay factors (not projected, projected) pass 1 used
 
 
-def usable(item: Item, state_keys: tuple[str, ...]) -> bool:
+def usable(opt: Any, item: Item, state_keys: tuple[str, ...]) -> bool:
     """The kernels can step this tensor: CPU, a supported dtype, gradient and state in the expected dtypes."""
     p = item.param
     return (
@@ -62,12 +62,19 @@ def usable(item: Item, state_keys: tuple[str, ...]) -> bool:
         and p.dtype in _DTYPES
         and item.grad.dtype == p.dtype
         and all(item.state[k].dtype == state_dtype(p) for k in state_keys)
-        and kernels.available()
+        and opt.kernels_available()
     )
 
 
 def speculation_enabled() -> bool:
     return os.environ.get(SPECULATE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _speculating(opt: Any) -> bool:
+    cache = opt.__dict__.setdefault("step_cache", {})
+    if "speculate" not in cache:
+        cache["speculate"] = speculation_enabled()
+    return cache["speculate"]
 
 
 def merge_runs(segments: list[Segment]) -> list[Segment]:
@@ -112,7 +119,7 @@ def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decays: tuple[float,
         memory = None
     speculate = (
         memory is not None
-        and speculation_enabled()
+        and _speculating(opt)
         and state_dtype(item.param) == item.param.dtype
         and min(decays) >= _MIN_SPEC_DECAY
     )

@@ -155,7 +155,7 @@ class AdamP(ProjectedOptimizer):
 
     # ----- fast path: the same maths in cache-sized chunks, update recomputed in the second half -----
     def _first_fast(self, item: Item, stats: Tensor) -> None:
-        if _fused.usable(item, _STATE):
+        if _fused.usable(self, item, _STATE):
             return self._first_kernel(item, stats)
         if _fusable(item):
             return self._first_fused(item, stats)

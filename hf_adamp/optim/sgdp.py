@@ -141,7 +141,7 @@ class SGDP(ProjectedOptimizer):
 
     # ----- fast path -----
     def _first_fast(self, item: Item, stats: Tensor) -> None:
-        if _fused.usable(item, _STATE):
+        if _fused.usable(self, item, _STATE):
             return self._first_kernel(item, stats)
         s, group = item.scalars, item.group
         f_p, f_g, f_b = flat(item.param), flat(item.grad), flat(item.state["momentum"])
