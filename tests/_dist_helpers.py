@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,13 @@ def _entry(rank: int, world: int, port: int, fn, out_dir: str, args: tuple) -> N
     except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    # DeepSpeed's CPU shared-memory comm op can abort in interpreter teardown ("terminate called without an
+    # active exception") after all work is done: wait for every rank, then leave without that teardown
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world: int, tmp_path: Path, *args: Any, timeout: float = 240) -> list[Any]:
