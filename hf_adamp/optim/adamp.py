@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels, projection
-from . import _fused
+from . import _fused, _triton
 from ._base import (
     Item,
     ProjectedOptimizer,
@@ -155,6 +155,8 @@ class AdamP(ProjectedOptimizer):
 
     # ----- fast path: the same maths in cache-sized chunks, update recomputed in the second half -----
     def _first_fast(self, item: Item, stats: Tensor) -> None:
+        if _triton.usable(item, _STATE):  # CUDA
+            return _triton.adam_first(self, item, stats, _STATE)
         if _fused.usable(self, item, _STATE):
             return self._first_kernel(item, stats)
         if _fusable(item):
@@ -184,6 +186,8 @@ class AdamP(ProjectedOptimizer):
             projection.write_row_sums(stats[:, seg.stat_row : seg.stat_row + seg.rows], g, p, u, tmp)
 
     def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
+        if "triton" in item.extra:
+            return _triton.adam_second(item, coef, decay)
         plan = item.extra.pop("fused", None)
         if plan is not None:
             return self._second_kernel(item, coef, decay, plan)

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim.optimizer import required
 
 from .. import kernels, projection
-from . import _fused
+from . import _fused, _triton
 from ._base import (
     Item,
     ProjectedOptimizer,
@@ -141,6 +141,8 @@ class SGDP(ProjectedOptimizer):
 
     # ----- fast path -----
     def _first_fast(self, item: Item, stats: Tensor) -> None:
+        if _triton.usable(item, _STATE):  # CUDA
+            return _triton.sgd_first(self, item, stats, _STATE)
         if _fused.usable(self, item, _STATE):
             return self._first_kernel(item, stats)
         s, group = item.scalars, item.group
@@ -168,6 +170,8 @@ class SGDP(ProjectedOptimizer):
             projection.write_row_sums(stats[:, seg.stat_row : seg.stat_row + seg.rows], g, p, d, tmp)
 
     def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
+        if "triton" in item.extra:
+            return _triton.sgd_second(item, coef, decay)
         plan = item.extra.pop("fused", None)
         if plan is not None:
             return self._second_kernel(item, coef, decay, plan)
