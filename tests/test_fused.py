@@ -262,12 +262,13 @@ def shard(shapes, bounds):
     return layouts, total
 
 
-@pytest.mark.parametrize("name,kwargs", [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[4]])
-def test_sharded_partial_rows_match_reference(path, name, kwargs):
+def run_sharded(name, kwargs, dtype, steps):
+    """Two simulated ranks whose shards cut rows, against the reference on the whole parameters: returns our
+    concatenated shards, the reference's weights, and the ranks' optimizers."""
     # (7, 5) ends at 35; 35 + 6 = 41 starts (16, 24): cut inside row 3 of it, and inside a row of (3, 300)
     bounds = [41 + 3 * 24 + 10, 41 + 384 + 450]
     shards, total = shard(SHARD_SHAPES, bounds)
-    base = make_params(SHARD_SHAPES, dtype=torch.float64, seed=7)
+    base = make_params(SHARD_SHAPES, dtype=dtype, seed=7)
     ref = [p.clone().requires_grad_() for p in base]
     ref_opt = getattr(adamp, name)(ref, **kwargs)
     full = torch.cat([p.reshape(-1) for p in base])
@@ -280,7 +281,7 @@ def test_sharded_partial_rows_match_reference(path, name, kwargs):
         locals_.append(local)
         opts.append(opt)
     gen = torch.Generator().manual_seed(3)
-    for step in range(24):
+    for step in range(steps):
         grads = [forced_grad(p.detach(), MODES[step % len(MODES)], gen) for p in ref]
         for p, g in zip(ref, grads):
             p.grad = g.clone()
@@ -295,7 +296,12 @@ def test_sharded_partial_rows_match_reference(path, name, kwargs):
         ref_opt.step()
     ours = torch.cat([local.detach() for local in locals_])
     assert ours.numel() == total
-    expected = torch.cat([p.detach().reshape(-1) for p in ref])
+    return ours, torch.cat([p.detach().reshape(-1) for p in ref]), opts
+
+
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[4]])
+def test_sharded_partial_rows_match_reference(path, name, kwargs):
+    ours, expected, opts = run_sharded(name, kwargs, torch.float64, steps=24)
     assert max_rel_err(ours, expected) <= 1e-12
     assert opts[0].projection_decisions() == opts[1].projection_decisions()  # every rank decides alike
     check_used(path)

@@ -19,13 +19,12 @@ import adamp
 import pytest
 import torch
 from helpers import MODES, SHAPES, forced_grad, make_params, max_rel_err
-from test_fused import SHARD_SHAPES, ThreadReducer, shard
+from test_fused import run_sharded
 from test_parity import CONFIGS
 
 import hf_adamp
 from hf_adamp import kernels
 from hf_adamp.optim import _triton
-from hf_adamp.sharding import Layout
 
 pytest.importorskip("triton")
 
@@ -221,37 +220,8 @@ def test_half_precision_matches_plain_path(spy, name, kwargs, dtype):
 @pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[3], CONFIGS[4]])
 def test_sharded_partial_rows_match_reference(spy, name, kwargs):
     """Two simulated ranks whose shards cut rows (see test_fused): partial-row runs, one reduction."""
-    bounds = [41 + 3 * 24 + 10, 41 + 384 + 450]
-    shards, total = shard(SHARD_SHAPES, bounds)
-    base = make_params(SHARD_SHAPES, dtype=torch.float32, seed=7)
-    ref = [p.clone().requires_grad_() for p in base]
-    ref_opt = getattr(adamp, name)(ref, **kwargs)
-    full = torch.cat([p.reshape(-1) for p in base])
-    reducer = ThreadReducer(len(shards))
-    locals_, opts = [], []
-    for rank, (lo, hi, specs, pieces) in enumerate(shards):
-        local = full[lo:hi].clone().requires_grad_()
-        opt = getattr(hf_adamp, name)([local], **kwargs)
-        opt.attach_layout(Layout(specs, {id(local): pieces}), reducer.for_rank(rank))
-        locals_.append(local)
-        opts.append(opt)
-    gen = torch.Generator().manual_seed(3)
-    for step in range(12):
-        grads = [forced_grad(p.detach(), MODES[step % len(MODES)], gen) for p in ref]
-        for p, g in zip(ref, grads):
-            p.grad = g.clone()
-        flat_grad = torch.cat([g.reshape(-1) for g in grads])
-        for local, (lo, hi, _, _) in zip(locals_, shards):
-            local.grad = flat_grad[lo:hi].clone()
-        threads = [threading.Thread(target=opt.step) for opt in opts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        ref_opt.step()
-    ours = torch.cat([local.detach() for local in locals_])
-    assert ours.numel() == total
-    assert max_rel_err(ours, torch.cat([p.detach().reshape(-1) for p in ref])) <= TOL
+    ours, expected, opts = run_sharded(name, kwargs, torch.float32, steps=12)
+    assert max_rel_err(ours, expected) <= TOL
     assert opts[0].projection_decisions() == opts[1].projection_decisions()
     assert spy.used(kind(name))
 
