@@ -80,14 +80,30 @@ void for_rows(int64_t rows, int64_t len, const F& fn) {
   at::parallel_for(0, rows, grain, fn);
 }
 
-// Adds the per-row sums (4 x rows, double) into stats[:, stat_row : stat_row + rows].
-void add_sums(const std::vector<double>& sums, int64_t rows, torch::Tensor& stats, int64_t stat_row) {
-  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "hf_adamp_add_sums", [&] {
-    scalar_t* out = stats.data_ptr<scalar_t>();
-    const int64_t stride = stats.stride(0);
-    for (int k = 0; k < 4; ++k)
-      for (int64_t r = 0; r < rows; ++r) out[k * stride + stat_row + r] += static_cast<scalar_t>(sums[k * rows + r]);
-  });
+// Where pass 1 adds each row's four sums: stats[:, row0 + r] of the (4, total_rows) buffer, float or double. Each
+// row is summed by one thread, so the rows are written straight from the row loop (no buffer to allocate).
+struct StatsOut {
+  void* base;
+  bool dbl;
+  int64_t stride, row0;
+  void add(int64_t r, const double* acc) const {
+    if (dbl) {
+      double* out = static_cast<double*>(base) + row0 + r;
+      for (int k = 0; k < 4; ++k) out[k * stride] += acc[k];
+    } else {
+      float* out = static_cast<float*>(base) + row0 + r;
+      for (int k = 0; k < 4; ++k) out[k * stride] += static_cast<float>(acc[k]);
+    }
+  }
+};
+
+StatsOut stats_out(const torch::Tensor& stats, int64_t stat_row, int64_t rows) {
+  const auto st = stats.scalar_type();
+  TORCH_CHECK(stats.device().is_cpu() && stats.dim() == 2 && stats.size(0) == 4 && stats.stride(1) == 1 &&
+                  (st == at::kFloat || st == at::kDouble),
+              "hf_adamp fused: stats must be a (4, rows) float32/float64 CPU tensor with contiguous rows");
+  TORCH_CHECK(stat_row >= 0 && stat_row + rows <= stats.size(1), "hf_adamp fused: rows out of range of stats");
+  return StatsOut{stats.data_ptr(), st == at::kDouble, stats.stride(0), stat_row};
 }
 
 double read_scalar(const torch::Tensor& t, int64_t index, double* as_plain, double plain) {
@@ -132,7 +148,7 @@ inline void elementwise(int64_t lo, int64_t hi, const F& elem) {
 // stats buffer (and so projection.decide) works in double.
 template <typename P, typename T, int MODE, bool NEST>
 void adam_pass1_impl(const P* g, P* p, T* m, T* v, int64_t rows, int64_t len, const AdamScalars& s,
-                     std::vector<double>* sums, T* spec_coef, bool stats_double) {
+                     const StatsOut* sums, T* spec_coef, bool stats_double) {
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
     // locals, not captures: the compiler keeps them in registers (a captured reference might alias m or p)
     const T b1 = s.beta1, b2 = s.beta2, ob1 = 1 - s.beta1, ob2 = 1 - s.beta2, eps = s.eps_s, step = s.step;
@@ -178,8 +194,7 @@ void adam_pass1_impl(const P* g, P* p, T* m, T* v, int64_t rows, int64_t len, co
           p[base + k] = static_cast<P>(pj * decay - step * (u[k] - pj * c));
         }
       }
-      double* out = sums->data();
-      out[r] = acc[0], out[rows + r] = acc[1], out[2 * rows + r] = acc[2], out[3 * rows + r] = acc[3];
+      sums->add(r, acc);
     }
   });
 }
@@ -234,7 +249,7 @@ int64_t adam_pass2_impl(const P* g, P* p, const T* m, const T* v, const T* coef,
 // ------------------------------------------------------------------------------------------------ SGDP
 template <typename P, typename T, int MODE, bool NEST>
 void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const SgdScalars& s,
-                    std::vector<double>* sums, T* spec_coef, bool stats_double) {
+                    const StatsOut* sums, T* spec_coef, bool stats_double) {
   for_rows(rows, len, [&](int64_t r0, int64_t r1) {
     const T mu = s.momentum, damp1 = s.damp1, lr = s.lr, decay = s.decay, sign = s.maximize ? -1 : 1;
     auto momentum = [&](int64_t j, T& gj, T& dj) {
@@ -282,8 +297,7 @@ void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const Sgd
         if (!NEST && c != 0) apply(std::true_type{});
         else apply(std::false_type{});
       }
-      double* out = sums->data();
-      out[r] = acc[0], out[rows + r] = acc[1], out[2 * rows + r] = acc[2], out[3 * rows + r] = acc[3];
+      sums->add(r, acc);
     }
   });
 }
@@ -415,7 +429,7 @@ void adam_first(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, 
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
   const AdamScalars s{beta1, beta2, eps_s, step, decay, eps, nesterov, maximize};
   const bool stats_double = stats.scalar_type() == at::kDouble;
-  std::vector<double> sums(mode == kFull ? 0 : 4 * rows);
+  const StatsOut sums = mode == kFull ? StatsOut{} : stats_out(stats, stat_row, rows);
   dispatch(param, exp_avg, [&](auto p0, auto t0) {
     using P = decltype(p0);
     using T = decltype(t0);
@@ -436,7 +450,6 @@ void adam_first(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, 
       }
     });
   });
-  if (mode != kFull) add_sums(sums, rows, stats, stat_row);
 }
 
 // decay_spec is what a speculating pass 1 applied (rounded here like the decay tensor, to compare with it).
@@ -475,7 +488,7 @@ void sgd_first(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_b
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
   const SgdScalars s{momentum, 1 - dampening, lr, decay, eps, nesterov, maximize};
   const bool stats_double = stats.scalar_type() == at::kDouble;
-  std::vector<double> sums(mode == kFull ? 0 : 4 * rows);
+  const StatsOut sums = mode == kFull ? StatsOut{} : stats_out(stats, stat_row, rows);
   dispatch(param, momentum_buffer, [&](auto p0, auto t0) {
     using P = decltype(p0);
     using T = decltype(t0);
@@ -495,7 +508,6 @@ void sgd_first(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_b
       }
     });
   });
-  if (mode != kFull) add_sums(sums, rows, stats, stat_row);
 }
 
 int64_t sgd_second(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_buffer, int64_t start,
