@@ -99,6 +99,7 @@ class ProjectedOptimizer(Optimizer):
         self._record_given()
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._stats: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        self._step_cache: dict[str, Any] = {}
         # last record per layout (None: unsharded), so engines that step group by group report them all
         self._records: dict[int | None, StepRecord] = {}
 
@@ -220,7 +221,7 @@ class ProjectedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        self.step_cache: dict[str, Any] = {}  # switches read once per step (they read the environment)
+        self._step_cache: dict[str, Any] = {}  # see once_per_step
         layout = self._active_layout()
         if layout is None and self._engine_replaced_tensors():
             from ..sharding.auto import auto_attach  # deferred: sharding imports this module
@@ -328,12 +329,16 @@ class ProjectedOptimizer(Optimizer):
                 items.append(Item(p, grad, state, group, segments, specs=specs))
         return items, specs, slot_groups, keys
 
+    def once_per_step(self, key: str, read: Callable[[], Any]) -> Any:
+        """``read()`` the first time ``key`` is asked for in this step, its value afterwards (switches that
+        read the environment cost more than the rest of a small tensor's step)."""
+        cache = self._step_cache
+        if key not in cache:
+            cache[key] = read()
+        return cache[key]
+
     def kernels_available(self) -> bool:
-        """``hf_adamp.kernels.available()``, asked once per step."""
-        cache = self.__dict__.setdefault("step_cache", {})
-        if "kernels" not in cache:
-            cache["kernels"] = kernels.available()
-        return cache["kernels"]
+        return self.once_per_step("kernels", kernels.available)
 
     def _chunk_elems(self, p: Tensor, group: dict[str, Any]) -> int:
         """Segment size: whole pieces for the plain path and the fused CPU kernels (one call per piece),

@@ -70,13 +70,6 @@ def speculation_enabled() -> bool:
     return os.environ.get(SPECULATE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _speculating(opt: Any) -> bool:
-    cache = opt.__dict__.setdefault("step_cache", {})
-    if "speculate" not in cache:
-        cache["speculate"] = speculation_enabled()
-    return cache["speculate"]
-
-
 def merge_runs(segments: list[Segment]) -> list[Segment]:
     """Adjacent segments that continue each other in memory and in statistics rows, joined.
 
@@ -119,7 +112,7 @@ def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decays: tuple[float,
         memory = None
     speculate = (
         memory is not None
-        and _speculating(opt)
+        and opt.once_per_step("speculate", speculation_enabled)
         and state_dtype(item.param) == item.param.dtype
         and min(decays) >= _MIN_SPEC_DECAY
     )
