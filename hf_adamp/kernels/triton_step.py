@@ -76,6 +76,16 @@ def _put_sums(
         tl.store(part_ptr + 3 * plane + at, pu, mask=rmask)
 
 
+@triton.jit
+def _row_sums(g, p, u, r, cb, rows, n_cblocks, stats_ptr, stats_stride, stat_row, part_ptr, DIRECT: tl.constexpr):
+    """The tile's four row sums g.p, g.g, p.p, p.u, handed to _put_sums."""
+    gp = tl.sum(g * p, axis=1)
+    gg = tl.sum(g * g, axis=1)
+    pp = tl.sum(p * p, axis=1)
+    pu = tl.sum(p * u, axis=1)
+    _put_sums(gp, gg, pp, pu, r, cb, rows, n_cblocks, stats_ptr, stats_stride, stat_row, part_ptr, DIRECT)
+
+
 @triton.jit(do_not_specialize=_NO_SPEC_FIRST)
 def _reduce_partials(part_ptr, rows, n_cblocks, stats_ptr, stats_stride, stat_row, BLOCK: tl.constexpr):
     """One program per (stat, row): the row's partial sums, in block order, added into stats."""
@@ -113,11 +123,7 @@ def _adam_first(
     if FULL:
         tl.store(p_ptr + off, (p * decay - step * u).to(p_ptr.dtype.element_ty), mask=mask)
     else:
-        gp = tl.sum(g * p, axis=1)
-        gg = tl.sum(g * g, axis=1)
-        pp = tl.sum(p * p, axis=1)
-        pu = tl.sum(p * u, axis=1)
-        _put_sums(gp, gg, pp, pu, r, cb, rows, n_cblocks, stats_ptr, stats_stride, stat_row, part_ptr, DIRECT)
+        _row_sums(g, p, u, r, cb, rows, n_cblocks, stats_ptr, stats_stride, stat_row, part_ptr, DIRECT)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC_SECOND)
@@ -158,11 +164,7 @@ def _sgd_first(
     if FULL:
         tl.store(p_ptr + off, (p * decay - lr * u).to(p_ptr.dtype.element_ty), mask=mask)
     else:
-        gp = tl.sum(g * p, axis=1)
-        gg = tl.sum(g * g, axis=1)
-        pp = tl.sum(p * p, axis=1)
-        pu = tl.sum(p * u, axis=1)
-        _put_sums(gp, gg, pp, pu, r, cb, rows, n_cblocks, stats_ptr, stats_stride, stat_row, part_ptr, DIRECT)
+        _row_sums(g, p, u, r, cb, rows, n_cblocks, stats_ptr, stats_stride, stat_row, part_ptr, DIRECT)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC_SECOND)
