@@ -173,9 +173,7 @@ def test_small_chunks_and_groups(path, monkeypatch, name, kwargs):
     check_used(path)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[3], CONFIGS[4]])
-def test_half_precision_matches_plain_path(path, name, kwargs, dtype):
+def check_half_precision_against_plain(name, kwargs, dtype, steps):
     """fp32 state and arithmetic for half weights: each step, the fast path rounds the same fp32 values as the
     plain one (weights re-synchronised after every step, so that one-ulp rounding differences do not grow)."""
     base = make_params(dtype=torch.float32, seed=4)
@@ -183,7 +181,7 @@ def test_half_precision_matches_plain_path(path, name, kwargs, dtype):
     opts = [getattr(hf_adamp, name)(ps, foreach=foreach, **kwargs) for ps, foreach in ((plain, False), (fast, True))]
     gen = torch.Generator().manual_seed(2)
     ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    for step in range(16):
+    for step in range(steps):
         for a, b in zip(plain, fast):
             a.grad = forced_grad(a.detach().float(), MODES[step % 4], gen).to(dtype)
             b.grad = a.grad.clone()
@@ -198,25 +196,37 @@ def test_half_precision_matches_plain_path(path, name, kwargs, dtype):
             if isinstance(value, torch.Tensor) and value.dim():
                 assert value.dtype == opts[1].state[b][key].dtype == torch.float32
                 assert max_rel_err(opts[1].state[b][key], value) <= 1e-5, key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[3], CONFIGS[4]])
+def test_half_precision_matches_plain_path(path, name, kwargs, dtype):
+    check_half_precision_against_plain(name, kwargs, dtype, steps=16)
     check_used(path)
 
 
-@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[2], CONFIGS[4], CONFIGS[5]])
-def test_maximize_matches_plain_path(path, name, kwargs):
-    """maximize=True on negated gradients takes the same steps as the plain path on the gradients."""
-    base = make_params(dtype=torch.float64, seed=6)
+def run_maximize_pair(name, kwargs, dtype, steps):
+    """The plain path on forced gradients, and the fast path with maximize=True on their negation: returns
+    both parameter lists (plain first)."""
+    base = make_params(dtype=dtype, seed=6)
     runs = []
     for foreach, maximize in ((False, False), (True, True)):
         ps = [p.clone().requires_grad_() for p in base]
         opt = getattr(hf_adamp, name)(ps, foreach=foreach, maximize=maximize, **kwargs)
         gen = torch.Generator().manual_seed(8)
-        for step in range(20):
+        for step in range(steps):
             for p in ps:
                 g = forced_grad(p.detach(), MODES[step % 4], gen)
                 p.grad = -g if maximize else g
             opt.step()
         runs.append(ps)
-    for a, b in zip(*runs):
+    return runs
+
+
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[2], CONFIGS[4], CONFIGS[5]])
+def test_maximize_matches_plain_path(path, name, kwargs):
+    """maximize=True on negated gradients takes the same steps as the plain path on the gradients."""
+    for a, b in zip(*run_maximize_pair(name, kwargs, torch.float64, steps=20)):
         assert max_rel_err(b.detach(), a.detach()) <= 1e-12
     check_used(path)
 

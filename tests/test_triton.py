@@ -19,7 +19,7 @@ import adamp
 import pytest
 import torch
 from helpers import MODES, SHAPES, forced_grad, make_params, max_rel_err
-from test_fused import run_sharded
+from test_fused import check_half_precision_against_plain, run_maximize_pair, run_sharded
 from test_parity import CONFIGS
 
 import hf_adamp
@@ -170,19 +170,7 @@ def test_long_rows_through_partial_sums(spy, monkeypatch, name, kwargs):
 @pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[5]])
 def test_maximize_matches_plain_path(spy, name, kwargs):
     """maximize=True on negated gradients takes the steps of the plain path on the gradients."""
-    base = make_params(dtype=torch.float32, seed=6)
-    runs = []
-    for foreach, maximize in ((False, False), (True, True)):
-        ps = [p.clone().requires_grad_() for p in base]
-        opt = getattr(hf_adamp, name)(ps, foreach=foreach, maximize=maximize, **kwargs)
-        gen = torch.Generator().manual_seed(8)
-        for step in range(8):
-            for p in ps:
-                g = forced_grad(p.detach(), MODES[step % 4], gen)
-                p.grad = -g if maximize else g
-            opt.step()
-        runs.append(ps)
-    for a, b in zip(*runs):
+    for a, b in zip(*run_maximize_pair(name, kwargs, torch.float32, steps=8)):
         assert max_rel_err(b.detach(), a.detach()) <= TOL
     assert spy.used(kind(name))
 
@@ -192,27 +180,8 @@ def test_maximize_matches_plain_path(spy, name, kwargs):
 @pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[3]])
 def test_half_precision_matches_plain_path(spy, name, kwargs, dtype):
     """fp32 state and arithmetic, rounded once into the weight: each step lands at most one rounding away from
-    the plain path's (weights re-synchronised after every step, so that rounding differences do not grow)."""
-    base = make_params(dtype=torch.float32, seed=4)
-    plain, fast = ([p.to(dtype).requires_grad_() for p in base] for _ in range(2))
-    opts = [getattr(hf_adamp, name)(ps, foreach=foreach, **kwargs) for ps, foreach in ((plain, False), (fast, True))]
-    gen = torch.Generator().manual_seed(2)
-    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    for step in range(8):
-        for a, b in zip(plain, fast):
-            a.grad = forced_grad(a.detach().float(), MODES[step % 4], gen).to(dtype)
-            b.grad = a.grad.clone()
-        for opt in opts:
-            opt.step()
-        for a, b in zip(plain, fast):
-            x, y = a.detach().float(), b.detach().float()
-            assert ((x - y).abs() <= 2 * ulp * x.abs()).all()
-            b.data.copy_(a.data)
-    for a, b in zip(plain, fast):
-        for key, value in opts[0].state[a].items():
-            if isinstance(value, torch.Tensor) and value.dim():
-                assert opts[1].state[b][key].dtype == torch.float32
-                assert max_rel_err(opts[1].state[b][key], value) <= 1e-5, key
+    the plain path's (see test_fused)."""
+    check_half_precision_against_plain(name, kwargs, dtype, steps=8)
     assert spy.used(kind(name))
 
 
