@@ -9,10 +9,14 @@ resident before it (Linux: VmHWM after clearing it).
     python benchmarks/step_time.py --model small --only adamp,adamw
     python benchmarks/step_time.py --only "adamw(fused),sgd(fused),hf_adamp.adamp,hf_adamp.sgdp" --skip plain
     python benchmarks/step_time.py --grads orthogonal --only "fused),hf_adamp.adamp,hf_adamp.sgdp" --skip plain
+    python benchmarks/step_time.py --grads real --only "fused),hf_adamp.adamp,hf_adamp.sgdp" --skip plain
 
-Gradients are fixed random tensors (``--grads random``: most weights are not projected, a few take the layer
-projection, and some change outcome between steps), or are made orthogonal to every row of their weight
-(``--grads orthogonal``: the scale-invariant case, where every matrix takes the channel projection).
+Gradients are fixed random tensors (``--grads random``: independent of the weights, so each matrix passes the
+layer test with a probability of about 8% at every step: 6-9 matrices take the layer projection, and they change
+from step to step), or are made orthogonal to every row of their weight (``--grads orthogonal``: the
+scale-invariant case, where every matrix takes the channel projection), or come from one real backward pass
+(``--grads real``: a randomly initialised transformers GPT-2 of the model's shapes on random tokens; its own
+parameters are stepped; 1-2 matrices take the layer projection).
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ MODELS = {
     "gpt2-small": gpt2_small_shapes,
     "small": lambda: gpt2_small_shapes(layers=4, width=256, vocab=8000, positions=256),
 }
+GPT2_CONFIGS = {"gpt2-small": {}, "small": dict(n_layer=4, n_embd=256, vocab_size=8000, n_positions=256)}
+
+
+def real_gradients(model_name: str, batch: int = 4, length: int = 128) -> list[torch.Tensor]:
+    """The parameters of a randomly initialised GPT-2, with the gradients of one language-model loss on them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(**GPT2_CONFIGS[model_name]))
+    ids = torch.randint(0, model.config.vocab_size, (batch, length))
+    model(ids, labels=ids).loss.backward()
+    return [p for p in model.parameters()]
 
 
 def candidates(params: list[torch.Tensor], lr: float) -> dict[str, Callable[[], torch.optim.Optimizer]]:
@@ -118,15 +133,20 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings; keep optimizers whose name has one")
     ap.add_argument("--skip", default="", help="comma-separated substrings; drop optimizers whose name has one")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--grads", choices=("random", "orthogonal"), default="random", help="see the module docstring")
+    grads = ("random", "orthogonal", "real")
+    ap.add_argument("--grads", choices=grads, default="random", help="see the module docstring")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    shapes = MODELS[args.model]()
-    params = [torch.randn(s) * 0.02 for s in shapes]
+    if args.grads == "real":
+        params = real_gradients(args.model)
+    else:
+        params = [torch.randn(s) * 0.02 for s in MODELS[args.model]()]
     for p in params:
+        if args.grads == "real":
+            continue
         p.requires_grad_(True)
         p.grad = torch.randn_like(p) * 1e-3
         if args.grads == "orthogonal" and p.dim() > 1:  # orthogonal to each row: a scale-invariant weight

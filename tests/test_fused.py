@@ -23,7 +23,7 @@ from hf_adamp.sharding import Layout, ParamSpec, Piece
 
 
 class KernelSpy:
-    """Counts kernel calls, and pass-2 calls that repaired a speculated step."""
+    """Counts kernel calls, and the pass-2 runs that repaired a speculated step."""
 
     def __init__(self, module):
         self.module, self.calls, self.repairs = module, 0, 0
@@ -37,11 +37,11 @@ class KernelSpy:
             if name == "decide":
                 return out
             self.calls += 1
-            tensors = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+            modes = args[1][:, 4].tolist()  # the runs table: tensor, start, rows, len, mode, stats row, slot
             if name.endswith("_first"):
-                self.pass1_modes.add(args[tensors + 3])  # after start, rows, len: the mode
-            if name.endswith("_second") and args[tensors + 3] and out > 0:  # after start, rows, len: repair
-                self.repairs += 1
+                self.pass1_modes.update(modes)
+            if name.endswith("_second"):  # out: rows written per run; modes other than APPLY repair
+                self.repairs += sum(1 for mode, n in zip(modes, out.tolist()) if mode != _fused.APPLY and n > 0)
             return out
 
         return wrapped

@@ -47,7 +47,7 @@ def _build() -> ModuleType:
 
     flags = _cpu_flags()
     # The name carries the ISA flags: a cache directory shared by different machines never mixes builds.
-    name = "hf_adamp_cpu_v2" + ("_avx2" if flags else "")
+    name = "hf_adamp_cpu_v3" + ("_avx2" if flags else "")
     return cpp_extension.load(
         name=name,
         sources=[str(_SOURCE)],

@@ -1,7 +1,8 @@
 // Fused CPU kernels of the AdamP and SGDP steps (hf_adamp, DESIGN.md section 2).
 //
-// A call works on one run of a flat tensor viewed as (rows, len). Parameters are fp32/fp64/fp16/bf16; the state
-// (moments) and all arithmetic are in T = float for fp32/fp16/bf16 parameters and double for fp64 ones.
+// A call steps all the runs of a step (pieces of flat tensors, each viewed as (rows, len)) in one parallel region,
+// its work split evenly over the threads. Parameters are fp32/fp64/fp16/bf16; the state (moments) and all
+// arithmetic are in T = float for fp32/fp16/bf16 parameters and double for fp64 ones.
 //
 // Pass 1 updates the moments and adds the four row sums g.p, g.g, p.p, p.u into a (4, total_rows) stats
 // buffer. "full" runs (never projected) finish the step in that pass. Speculating runs also finish it, guessing
@@ -21,8 +22,8 @@
 namespace {
 
 // Elements per block of the row sums (see blocked_sums).
-constexpr int64_t kBlock = 512;
-// Elements of work per thread below which a call stays on one thread.
+constexpr int64_t kBlock = 1024;
+// Elements of work per thread below which fewer threads are used.
 constexpr int64_t kGrain = 1 << 15;
 
 enum Pass1 { kFirst = 0, kFull = 1, kSpec = 2, kSpecChannel = 3 };
@@ -73,13 +74,6 @@ inline T row_coef(bool stats_double, const double* acc, double eps) {
   return stats_double ? channel_coef<double, T>(acc[2], acc[3], eps) : channel_coef<float, T>(acc[2], acc[3], eps);
 }
 
-// Rows [0, rows) of a run; fn(r0, r1) handles a range of rows. Parallel when the run is big enough.
-template <typename F>
-void for_rows(int64_t rows, int64_t len, const F& fn) {
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1));
-  at::parallel_for(0, rows, grain, fn);
-}
-
 // Where pass 1 adds each row's four sums: stats[:, row0 + r] of the (4, total_rows) buffer, float or double. Each
 // row is summed by one thread, so the rows are written straight from the row loop (no buffer to allocate).
 struct StatsOut {
@@ -106,18 +100,20 @@ StatsOut stats_out(const torch::Tensor& stats, int64_t stat_row, int64_t rows) {
   return StatsOut{stats.data_ptr(), st == at::kDouble, stats.stride(0), stat_row};
 }
 
-double read_scalar(const torch::Tensor& t, int64_t index, double* as_plain, double plain) {
-  double value = 0;
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "hf_adamp_read", [&] {
-    value = static_cast<double>(t.data_ptr<scalar_t>()[index]);
-    *as_plain = static_cast<double>(static_cast<scalar_t>(plain));  // `plain` rounded like the decay tensor
-  });
-  return value;
+// The sum of L lanes by halving (vector adds, then a few scalar ones), in T.
+template <typename T, int L>
+inline double lane_sum(T* a) {
+  for (int w = L / 2; w > 0; w /= 2) {
+#pragma omp simd
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  }
+  return a[0];
 }
 
 // Row sums of elem(j, gp, gg, pp, pu) over [lo, hi), added into out[4]. Accumulates in T over short blocks
 // with per-lane accumulators (vectorises without reassociation flags), then in double across blocks, so long
-// rows keep double-like accuracy.
+// rows keep double-like accuracy. The lanes are summed by halving: a lane-by-lane scalar sum cost a fifth of
+// the whole pass on rows of 768.
 template <typename T, typename F>
 inline void blocked_sums(int64_t lo, int64_t hi, double* out, const F& elem) {
   constexpr int L = 64 / sizeof(T);  // lanes: two AVX2 vectors
@@ -130,9 +126,8 @@ inline void blocked_sums(int64_t lo, int64_t hi, double* out, const F& elem) {
       for (int l = 0; l < L; ++l) elem(j + l, a0[l], a1[l], a2[l], a3[l]);
     }
     for (; j < be; ++j) elem(j, a0[0], a1[0], a2[0], a3[0]);
-    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (int l = 0; l < L; ++l) s0 += a0[l], s1 += a1[l], s2 += a2[l], s3 += a3[l];
-    out[0] += s0, out[1] += s1, out[2] += s2, out[3] += s3;
+    out[0] += lane_sum<T, L>(a0), out[1] += lane_sum<T, L>(a1);
+    out[2] += lane_sum<T, L>(a2), out[3] += lane_sum<T, L>(a3);
   }
 }
 
@@ -144,59 +139,56 @@ inline void elementwise(int64_t lo, int64_t hi, const F& elem) {
 }
 
 // ------------------------------------------------------------------------------------------------ AdamP
+// The impl functions step rows [r0, r1) of one run (pointers at the run's first element) on the calling thread.
 // Pass 1. spec_coef (kSpecChannel only) receives each row's guessed coefficient; stats_double says whether the
-// stats buffer (and so projection.decide) works in double.
+// stats buffer (and so projection.decide) works in double; u is a row of scratch (kSpecChannel only).
 template <typename P, typename T, int MODE, bool NEST>
-void adam_pass1_impl(const P* g, P* p, T* m, T* v, int64_t rows, int64_t len, const AdamScalars& s,
-                     const StatsOut* sums, T* spec_coef, bool stats_double) {
-  for_rows(rows, len, [&](int64_t r0, int64_t r1) {
-    // locals, not captures: the compiler keeps them in registers (a captured reference might alias m or p)
-    const T b1 = s.beta1, b2 = s.beta2, ob1 = 1 - s.beta1, ob2 = 1 - s.beta2, eps = s.eps_s, step = s.step;
-    const T decay = s.decay, sign = s.maximize ? -1 : 1;
-    auto moments = [&](int64_t j, T& gj, T& uj) {
-      gj = sign * up<T>(g[j]);
-      const T mj = b1 * m[j] + ob1 * gj;
-      const T vj = b2 * v[j] + ob2 * gj * gj;
-      m[j] = mj;
-      v[j] = vj;
-      uj = (NEST ? b1 * mj + ob1 * gj : mj) / (std::sqrt(vj) + eps);
-    };
-    if constexpr (MODE == kFull) {
-      elementwise(r0 * len, r1 * len, [&](int64_t j) {
-        T gj, uj;
-        moments(j, gj, uj);
-        p[j] = static_cast<P>(up<T>(p[j]) * decay - step * uj);
-      });
-      return;
-    }
-    std::vector<T> row_u(MODE == kSpecChannel ? len : 0);  // the row's update, in cache until it is applied
-    T* u = row_u.data();
-    for (int64_t r = r0; r < r1; ++r) {
-      double acc[4] = {0, 0, 0, 0};
-      const int64_t base = r * len;
-      blocked_sums<T>(base, base + len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
-        T gj, uj;
-        moments(j, gj, uj);
-        const T pj = up<T>(p[j]);
-        gp = madd(gj, pj, gp);  // FMA in the sums only (see madd)
-        gg = madd(gj, gj, gg);
-        pp = madd(pj, pj, pp);
-        pu = madd(pj, uj, pu);
-        if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - step * uj);
-        if (MODE == kSpecChannel) u[j - base] = uj;
-      });
-      if constexpr (MODE == kSpecChannel) {  // the same expression as pass 2's, with this row's coefficient
-        const T c = row_coef<T>(stats_double, acc, s.eps);
-        spec_coef[r] = c;
+void adam_pass1_rows(const P* g, P* p, T* m, T* v, int64_t r0, int64_t r1, int64_t len, const AdamScalars& s,
+                     const StatsOut& sums, T* spec_coef, bool stats_double, T* u) {
+  // locals, not members: the compiler keeps them in registers (a reference might alias m or p)
+  const T b1 = s.beta1, b2 = s.beta2, ob1 = 1 - s.beta1, ob2 = 1 - s.beta2, eps = s.eps_s, step = s.step;
+  const T decay = s.decay, sign = s.maximize ? -1 : 1;
+  auto moments = [&](int64_t j, T& gj, T& uj) {
+    gj = sign * up<T>(g[j]);
+    const T mj = b1 * m[j] + ob1 * gj;
+    const T vj = b2 * v[j] + ob2 * gj * gj;
+    m[j] = mj;
+    v[j] = vj;
+    uj = (NEST ? b1 * mj + ob1 * gj : mj) / (std::sqrt(vj) + eps);
+  };
+  if constexpr (MODE == kFull) {
+    elementwise(r0 * len, r1 * len, [&](int64_t j) {
+      T gj, uj;
+      moments(j, gj, uj);
+      p[j] = static_cast<P>(up<T>(p[j]) * decay - step * uj);
+    });
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    double acc[4] = {0, 0, 0, 0};
+    const int64_t base = r * len;
+    blocked_sums<T>(base, base + len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+      T gj, uj;
+      moments(j, gj, uj);
+      const T pj = up<T>(p[j]);
+      gp = madd(gj, pj, gp);  // FMA in the sums only (see madd)
+      gg = madd(gj, gj, gg);
+      pp = madd(pj, pj, pp);
+      pu = madd(pj, uj, pu);
+      if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - step * uj);
+      if (MODE == kSpecChannel) u[j - base] = uj;
+    });
+    if constexpr (MODE == kSpecChannel) {  // the same expression as pass 2's, with this row's coefficient
+      const T c = row_coef<T>(stats_double, acc, s.eps);
+      spec_coef[r] = c;
 #pragma omp simd
-        for (int64_t k = 0; k < len; ++k) {
-          const T pj = up<T>(p[base + k]);
-          p[base + k] = static_cast<P>(pj * decay - step * (u[k] - pj * c));
-        }
+      for (int64_t k = 0; k < len; ++k) {
+        const T pj = up<T>(p[base + k]);
+        p[base + k] = static_cast<P>(pj * decay - step * (u[k] - pj * c));
       }
-      sums->add(r, acc);
     }
-  });
+    sums.add(r, acc);
+  }
 }
 
 // Rows whose decided (coefficient, decay) equal what a speculating pass 1 applied need no repair.
@@ -208,167 +200,199 @@ bool guessed_right(int repair, T c, T d, const T* spec_coef, int64_t r, T d_spec
 // Pass 2: apply the decision (kApply), or repair the rows of a speculating pass 1 that guessed wrong. Returns the
 // rows written.
 template <typename P, typename T, bool NEST, int REPAIR>
-int64_t adam_pass2_impl(const P* g, P* p, const T* m, const T* v, const T* coef, const T* spec_coef, int64_t rows,
-                        int64_t len, const AdamScalars& s, double decay_slot) {
+int64_t adam_pass2_rows(const P* g, P* p, const T* m, const T* v, const T* coef, const T* spec_coef, int64_t r0,
+                        int64_t r1, int64_t len, const AdamScalars& s, double decay_slot) {
   const T d = decay_slot, d_spec = s.decay;
-  if (REPAIR != kApply) {
-    bool all_right = true;
-    for (int64_t r = 0; r < rows && all_right; ++r) all_right = guessed_right<T>(REPAIR, coef[r], d, spec_coef, r, d_spec);
-    if (all_right) return 0;  // no parallel region at all
-  }
-  std::vector<char> touched(rows, 0);
-  for_rows(rows, len, [&](int64_t r0, int64_t r1) {
-    const T b1 = s.beta1, ob1 = 1 - s.beta1, eps = s.eps_s, step = s.step, sign = s.maximize ? -1 : 1;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T c = coef[r];
-      if (REPAIR != kApply && guessed_right<T>(REPAIR, c, d, spec_coef, r, d_spec)) continue;
-      touched[r] = 1;
-      // the old weight was p_spec = p_old * (d_spec + step * c_spec) - step * u
-      const double undo = static_cast<double>(d_spec) +
-                          (REPAIR == kRepairChannel ? static_cast<double>(step) * spec_coef[r] : 0.0);
+  const T b1 = s.beta1, ob1 = 1 - s.beta1, eps = s.eps_s, step = s.step, sign = s.maximize ? -1 : 1;
+  int64_t count = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T c = coef[r];
+    if (REPAIR != kApply && guessed_right<T>(REPAIR, c, d, spec_coef, r, d_spec)) continue;
+    ++count;
+    // the old weight was p_spec = p_old * (d_spec + step * c_spec) - step * u
+    const double undo = static_cast<double>(d_spec) +
+                        (REPAIR == kRepairChannel ? static_cast<double>(step) * spec_coef[r] : 0.0);
 #pragma omp simd
-      for (int64_t j = r * len; j < (r + 1) * len; ++j) {
-        const T mj = m[j];
-        const T num = NEST ? b1 * mj + ob1 * (sign * up<T>(g[j])) : mj;
-        const T uj = num / (std::sqrt(v[j]) + eps);
-        if constexpr (REPAIR != kApply) {  // in double: the only error left is the rounding of the speculated weight
-          const double pj = (static_cast<double>(p[j]) + static_cast<double>(step) * uj) / undo;
-          p[j] = static_cast<P>(pj * d - static_cast<double>(step) * (uj - pj * c));
-        } else {
-          const T pj = up<T>(p[j]);
-          p[j] = static_cast<P>(pj * d - step * (uj - pj * c));
-        }
+    for (int64_t j = r * len; j < (r + 1) * len; ++j) {
+      const T mj = m[j];
+      const T num = NEST ? b1 * mj + ob1 * (sign * up<T>(g[j])) : mj;
+      const T uj = num / (std::sqrt(v[j]) + eps);
+      if constexpr (REPAIR != kApply) {  // in double: the only error left is the rounding of the speculated weight
+        const double pj = (static_cast<double>(p[j]) + static_cast<double>(step) * uj) / undo;
+        p[j] = static_cast<P>(pj * d - static_cast<double>(step) * (uj - pj * c));
+      } else {
+        const T pj = up<T>(p[j]);
+        p[j] = static_cast<P>(pj * d - step * (uj - pj * c));
       }
     }
-  });
-  int64_t count = 0;
-  for (char t : touched) count += t;
+  }
   return count;
 }
 
 // ------------------------------------------------------------------------------------------------ SGDP
 template <typename P, typename T, int MODE, bool NEST>
-void sgd_pass1_impl(const P* g, P* p, T* b, int64_t rows, int64_t len, const SgdScalars& s,
-                    const StatsOut* sums, T* spec_coef, bool stats_double) {
-  for_rows(rows, len, [&](int64_t r0, int64_t r1) {
-    const T mu = s.momentum, damp1 = s.damp1, lr = s.lr, decay = s.decay, sign = s.maximize ? -1 : 1;
-    auto momentum = [&](int64_t j, T& gj, T& dj) {
-      gj = sign * up<T>(g[j]);
-      const T bj = mu * b[j] + damp1 * gj;
-      b[j] = bj;
-      dj = NEST ? gj + mu * bj : bj;
-    };
-    if constexpr (MODE == kFull) {
-      elementwise(r0 * len, r1 * len, [&](int64_t j) {
-        T gj, dj;
-        momentum(j, gj, dj);
-        p[j] = static_cast<P>(up<T>(p[j]) * decay - lr * dj);
-      });
-      return;
-    }
-    std::vector<T> row_d(MODE == kSpecChannel ? len : 0);
-    T* u = row_d.data();
-    for (int64_t r = r0; r < r1; ++r) {
-      double acc[4] = {0, 0, 0, 0};
-      const int64_t base = r * len;
-      blocked_sums<T>(base, base + len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
-        T gj, dj;
-        momentum(j, gj, dj);
-        const T pj = up<T>(p[j]);
-        gp = madd(gj, pj, gp);  // FMA in the sums only (see madd)
-        gg = madd(gj, gj, gg);
-        pp = madd(pj, pj, pp);
-        pu = madd(pj, dj, pu);
-        if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - lr * dj);
-        if (MODE == kSpecChannel) u[j - base] = dj;
-      });
-      if constexpr (MODE == kSpecChannel) {  // pass 2's expression; without Nesterov the buffer takes the projection
-        const T c = row_coef<T>(stats_double, acc, s.eps);
-        spec_coef[r] = c;
-        auto apply = [&](auto write_buf) {  // the branch hoisted out of the loop, so that it vectorises
+void sgd_pass1_rows(const P* g, P* p, T* b, int64_t r0, int64_t r1, int64_t len, const SgdScalars& s,
+                    const StatsOut& sums, T* spec_coef, bool stats_double, T* u) {
+  const T mu = s.momentum, damp1 = s.damp1, lr = s.lr, decay = s.decay, sign = s.maximize ? -1 : 1;
+  auto momentum = [&](int64_t j, T& gj, T& dj) {
+    gj = sign * up<T>(g[j]);
+    const T bj = mu * b[j] + damp1 * gj;
+    b[j] = bj;
+    dj = NEST ? gj + mu * bj : bj;
+  };
+  if constexpr (MODE == kFull) {
+    elementwise(r0 * len, r1 * len, [&](int64_t j) {
+      T gj, dj;
+      momentum(j, gj, dj);
+      p[j] = static_cast<P>(up<T>(p[j]) * decay - lr * dj);
+    });
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    double acc[4] = {0, 0, 0, 0};
+    const int64_t base = r * len;
+    blocked_sums<T>(base, base + len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+      T gj, dj;
+      momentum(j, gj, dj);
+      const T pj = up<T>(p[j]);
+      gp = madd(gj, pj, gp);  // FMA in the sums only (see madd)
+      gg = madd(gj, gj, gg);
+      pp = madd(pj, pj, pp);
+      pu = madd(pj, dj, pu);
+      if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - lr * dj);
+      if (MODE == kSpecChannel) u[j - base] = dj;
+    });
+    if constexpr (MODE == kSpecChannel) {  // pass 2's expression; without Nesterov the buffer takes the projection
+      const T c = row_coef<T>(stats_double, acc, s.eps);
+      spec_coef[r] = c;
+      auto apply = [&](auto write_buf) {  // the branch hoisted out of the loop, so that it vectorises
 #pragma omp simd
-          for (int64_t k = 0; k < len; ++k) {
-            const T pj = up<T>(p[base + k]);
-            const T dp = u[k] - pj * c;
-            if constexpr (decltype(write_buf)::value) b[base + k] = dp;
-            p[base + k] = static_cast<P>(pj * decay - lr * dp);
-          }
-        };
-        if (!NEST && c != 0) apply(std::true_type{});
-        else apply(std::false_type{});
-      }
-      sums->add(r, acc);
+        for (int64_t k = 0; k < len; ++k) {
+          const T pj = up<T>(p[base + k]);
+          const T dp = u[k] - pj * c;
+          if constexpr (decltype(write_buf)::value) b[base + k] = dp;
+          p[base + k] = static_cast<P>(pj * decay - lr * dp);
+        }
+      };
+      if (!NEST && c != 0) apply(std::true_type{});
+      else apply(std::false_type{});
     }
-  });
+    sums.add(r, acc);
+  }
 }
 
 // Without Nesterov the update is the momentum buffer itself, and (as in the reference) the projected update
 // is written back into it; a repair also restores the un-projected buffer where the guess projected wrongly.
 template <typename P, typename T, bool NEST, int REPAIR>
-int64_t sgd_pass2_impl(const P* g, P* p, T* b, const T* coef, const T* spec_coef, int64_t rows, int64_t len,
-                       const SgdScalars& s, double decay_slot) {
+int64_t sgd_pass2_rows(const P* g, P* p, T* b, const T* coef, const T* spec_coef, int64_t r0, int64_t r1,
+                       int64_t len, const SgdScalars& s, double decay_slot) {
   const T d = decay_slot, d_spec = s.decay;
-  if (REPAIR != kApply) {
-    bool all_right = true;
-    for (int64_t r = 0; r < rows && all_right; ++r) all_right = guessed_right<T>(REPAIR, coef[r], d, spec_coef, r, d_spec);
-    if (all_right) return 0;
-  }
-  std::vector<char> touched(rows, 0);
-  for_rows(rows, len, [&](int64_t r0, int64_t r1) {
-    const T mu = s.momentum, lr = s.lr, sign = s.maximize ? -1 : 1;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T c = coef[r];
-      if (REPAIR != kApply && guessed_right<T>(REPAIR, c, d, spec_coef, r, d_spec)) continue;
-      touched[r] = 1;
-      const double cs = REPAIR == kRepairChannel ? static_cast<double>(spec_coef[r]) : 0.0;
-      const bool write_buf = !NEST && (c != 0 || cs != 0);
+  const T mu = s.momentum, lr = s.lr, sign = s.maximize ? -1 : 1;
+  int64_t count = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T c = coef[r];
+    if (REPAIR != kApply && guessed_right<T>(REPAIR, c, d, spec_coef, r, d_spec)) continue;
+    ++count;
+    const double cs = REPAIR == kRepairChannel ? static_cast<double>(spec_coef[r]) : 0.0;
+    const bool write_buf = !NEST && (c != 0 || cs != 0);
 #pragma omp simd
-      for (int64_t j = r * len; j < (r + 1) * len; ++j) {
-        const T bj = b[j];
-        const T dj = NEST ? sign * up<T>(g[j]) + mu * bj : bj;
-        if constexpr (REPAIR != kApply) {  // in double, as for AdamP
-          // p_spec = p_old * d_spec - lr * (d_old - p_old * cs); without Nesterov b holds d_old - p_old * cs
-          double pj, d_old;
-          if (NEST) {
-            pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * dj) / (d_spec + static_cast<double>(lr) * cs);
-            d_old = dj;
-          } else {
-            pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * bj) / d_spec;
-            d_old = bj + pj * cs;
-          }
-          const double dp = d_old - pj * c;
-          if (write_buf) b[j] = static_cast<T>(c != 0 ? dp : d_old);
-          p[j] = static_cast<P>(pj * d - static_cast<double>(lr) * dp);
+    for (int64_t j = r * len; j < (r + 1) * len; ++j) {
+      const T bj = b[j];
+      const T dj = NEST ? sign * up<T>(g[j]) + mu * bj : bj;
+      if constexpr (REPAIR != kApply) {  // in double, as for AdamP
+        // p_spec = p_old * d_spec - lr * (d_old - p_old * cs); without Nesterov b holds d_old - p_old * cs
+        double pj, d_old;
+        if (NEST) {
+          pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * dj) / (d_spec + static_cast<double>(lr) * cs);
+          d_old = dj;
         } else {
-          const T pj = up<T>(p[j]);
-          const T dp = dj - pj * c;
-          if (write_buf) b[j] = dp;
-          p[j] = static_cast<P>(pj * d - lr * dp);
+          pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * bj) / d_spec;
+          d_old = bj + pj * cs;
         }
+        const double dp = d_old - pj * c;
+        if (write_buf) b[j] = static_cast<T>(c != 0 ? dp : d_old);
+        p[j] = static_cast<P>(pj * d - static_cast<double>(lr) * dp);
+      } else {
+        const T pj = up<T>(p[j]);
+        const T dp = dj - pj * c;
+        if (write_buf) b[j] = dp;
+        p[j] = static_cast<P>(pj * d - lr * dp);
       }
     }
-  });
-  int64_t count = 0;
-  for (char t : touched) count += t;
+  }
   return count;
 }
 
-// ------------------------------------------------------------------------------------------------ dispatch
+// ------------------------------------------------------------------------------------------------ one step's runs
+// A call steps all the runs of one state dtype in one parallel region. `tensors` holds, per tensor of the step,
+// its gradient, parameter and state tensors (kPer of them); `runs` is an (R, 7) int64 table, one row per run:
+// the tensor's index, the run's first element, rows, row length, mode, first stats row and slot; `scalars` is an
+// (R, K) float64 table of the run's hyperparameters (AdamRow / SgdRow columns).
+enum RunCol { kItem, kStart, kRows, kLen, kMode, kStatRow, kSlot, kRunCols };
+enum AdamRow { kBeta1, kBeta2, kEpsS, kStep, kDecay, kEps, kNesterov, kMaximize, kAdamCols };
+enum SgdRow { kMomentum, kDampening, kLr, kSgdDecay, kSgdEps, kSgdNesterov, kSgdMaximize, kSgdCols };
+
+struct Task {
+  int64_t run, lo, hi;  // rows [lo, hi) of the run; elements for element-wise (kFull) runs
+};
+
+// The runs' work split into one contiguous share per thread, cut at row boundaries (element-wise runs at
+// elements, in multiples of 64), so that a whole step runs in one parallel region with balanced threads.
+std::vector<std::vector<Task>> shares(const std::vector<int64_t>& units, const std::vector<int64_t>& unit_cost,
+                                      const std::vector<char>& elementwise_run, int64_t threads) {
+  int64_t total = 0;
+  for (size_t i = 0; i < units.size(); ++i) total += units[i] * unit_cost[i];
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, total / kGrain));
+  std::vector<std::vector<Task>> out(1);
+  const int64_t per = (total + threads - 1) / threads;
+  int64_t budget = per;
+  for (size_t i = 0; i < units.size(); ++i) {
+    int64_t lo = 0;
+    while (lo < units[i]) {
+      if (budget <= 0 && static_cast<int64_t>(out.size()) < threads) {
+        out.emplace_back();
+        budget = per;
+      }
+      int64_t take = (budget + unit_cost[i] - 1) / unit_cost[i];
+      if (elementwise_run[i]) take = (take + 63) / 64 * 64;
+      if (static_cast<int64_t>(out.size()) == threads) take = units[i];  // the last share takes the rest
+      const int64_t hi = std::min(units[i], lo + std::max<int64_t>(take, 1));
+      out.back().push_back(Task{static_cast<int64_t>(i), lo, hi});
+      budget -= (hi - lo) * unit_cost[i];
+      lo = hi;
+    }
+  }
+  return out;
+}
+
+// Runs body(task) for every task, each share on its own thread.
+template <typename F>
+void run_shares(const std::vector<std::vector<Task>>& work, const F& body) {
+  const int64_t n = static_cast<int64_t>(work.size());
+  auto each = [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t)
+      for (const Task& task : work[t]) body(task);
+  };
+  if (n <= 1) return each(0, n);
+  at::parallel_for(0, n, 1, each);
+}
+
 void check_run(const torch::Tensor& t, int64_t start, int64_t n, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "hf_adamp fused: ", what, " must be on the CPU");
-  TORCH_CHECK(start >= 0 && start + n <= t.numel(), "hf_adamp fused: run out of range of ", what);
+  TORCH_CHECK(start >= 0 && n >= 0 && start + n <= t.numel(), "hf_adamp fused: run out of range of ", what);
 }
 
 // The tensors of one parameter are addressed as flat storage from data_ptr: they must share the parameter's
 // dense layout, with the first dimension outermost (rows are contiguous), as hf_adamp.optim._base.flat needs.
-void check_tensors(std::initializer_list<const torch::Tensor*> tensors, const torch::Tensor& param, int64_t start,
-                   int64_t n) {
+void check_tensors(const torch::Tensor* ts, int64_t count, int64_t start, int64_t n) {
+  const torch::Tensor& param = ts[1];
   TORCH_CHECK(param.is_non_overlapping_and_dense(), "hf_adamp fused: the parameter is not dense");
   TORCH_CHECK(param.dim() <= 1 || param.stride(0) * param.size(0) == param.numel(),
               "hf_adamp fused: the parameter's first dimension is not outermost");
-  for (const auto* t : tensors) {
-    check_run(*t, start, n, "a tensor");
-    TORCH_CHECK(t->sizes() == param.sizes() && t->strides() == param.strides(),
+  TORCH_CHECK(ts[0].scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
+  for (int64_t i = 0; i < count; ++i) {
+    check_run(ts[i], start, n, "a tensor");
+    TORCH_CHECK(ts[i].sizes() == param.sizes() && ts[i].strides() == param.strides(),
                 "hf_adamp fused: gradient or state laid out unlike the parameter");
   }
 }
@@ -399,7 +423,6 @@ void dispatch(const torch::Tensor& param, const torch::Tensor& state, const F& f
 template <int N, typename F>
 void with_mode(int64_t mode, bool nesterov, const F& fn) {
   auto nest = [&](auto mode_c) { nesterov ? fn(mode_c, std::true_type{}) : fn(mode_c, std::false_type{}); };
-  TORCH_CHECK(mode >= 0 && mode < N, "hf_adamp fused: unknown mode ", mode);
   switch (mode) {
     case 0: return nest(std::integral_constant<int, 0>{});
     case 1: return nest(std::integral_constant<int, 1>{});
@@ -409,132 +432,228 @@ void with_mode(int64_t mode, bool nesterov, const F& fn) {
   }
 }
 
-// The rows [stat_row, stat_row + rows) of a per-row tensor (coef, spec_coef) in the state dtype.
+// A per-stats-row tensor (coef, spec_coef) in the state dtype, checked once per call.
+void check_rows_tensor(const torch::Tensor& t, const torch::Tensor& state, int64_t rows, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == state.scalar_type(), "hf_adamp fused: ", what,
+              " must be a CPU tensor of the state dtype");
+  TORCH_CHECK(t.is_contiguous() && t.dim() == 1 && t.numel() >= rows, "hf_adamp fused: ", what,
+              " is not a contiguous vector covering the stats rows");
+}
+
+// What every call checks and derives from its tables before the parallel region (no check can fail inside it).
+struct Batch {
+  std::vector<torch::Tensor> tensors;
+  int64_t per;
+  const int64_t* runs;
+  const double* scalars;
+  int64_t count, cols;
+  const int64_t* run(int64_t i) const { return runs + i * kRunCols; }
+  const double* row(int64_t i) const { return scalars + i * cols; }
+  const torch::Tensor* item(int64_t i) const { return &tensors[run(i)[kItem] * per]; }
+};
+
+Batch batch(std::vector<torch::Tensor> tensors, int64_t per, const torch::Tensor& runs, const torch::Tensor& scalars,
+            int64_t cols, int modes) {
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) % per == 0, "hf_adamp fused: tensors are not whole tensor sets");
+  TORCH_CHECK(runs.device().is_cpu() && runs.scalar_type() == at::kLong && runs.is_contiguous() && runs.dim() == 2 &&
+                  runs.size(1) == kRunCols,
+              "hf_adamp fused: runs must be a contiguous (R, 7) int64 CPU tensor");
+  TORCH_CHECK(scalars.device().is_cpu() && scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
+                  scalars.dim() == 2 && scalars.size(0) == runs.size(0) && scalars.size(1) == cols,
+              "hf_adamp fused: scalars must be a contiguous (R, ", cols, ") float64 CPU tensor");
+  Batch b{std::move(tensors), per, runs.data_ptr<int64_t>(), scalars.data_ptr<double>(), runs.size(0), cols};
+  const int64_t items = static_cast<int64_t>(b.tensors.size()) / per;
+  for (int64_t i = 0; i < b.count; ++i) {
+    const int64_t* r = b.run(i);
+    TORCH_CHECK(r[kItem] >= 0 && r[kItem] < items, "hf_adamp fused: run ", i, " names no tensor");
+    TORCH_CHECK(r[kRows] >= 0 && r[kLen] >= 0, "hf_adamp fused: negative run shape");
+    TORCH_CHECK(r[kMode] >= 0 && r[kMode] < modes, "hf_adamp fused: unknown mode ", r[kMode]);
+    check_tensors(b.item(i), per, r[kStart], r[kRows] * r[kLen]);
+  }
+  return b;
+}
+
 template <typename T>
-T* row_ptr(const torch::Tensor& t, int64_t stat_row, int64_t rows, const torch::Tensor& state, const char* what) {
-  TORCH_CHECK(t.scalar_type() == state.scalar_type(), "hf_adamp fused: ", what, " dtype differs from the state");
-  TORCH_CHECK(t.is_contiguous(), "hf_adamp fused: ", what, " is not contiguous");
-  check_run(t, stat_row, rows, what);
-  return t.data_ptr<T>() + stat_row;
+T* data_at(const torch::Tensor& t, int64_t offset) {
+  return t.data_ptr<T>() + offset;
 }
 
-// A run is the elements [start, start + rows * len) of the tensors' storage, viewed as (rows, len). spec_coef is
-// a per-stats-row buffer (state dtype) that kSpecChannel fills; decay is what full and speculating runs apply.
-void adam_first(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
-                int64_t start, int64_t rows, int64_t len, int64_t mode, torch::Tensor stats, int64_t stat_row,
-                torch::Tensor spec_coef, double beta1, double beta2, double eps_s, double step, double decay,
-                double eps, bool nesterov, bool maximize) {
-  const int64_t n = rows * len;
-  check_tensors({&grad, &param, &exp_avg, &exp_avg_sq}, param, start, n);
-  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
-  const AdamScalars s{beta1, beta2, eps_s, step, decay, eps, nesterov, maximize};
+// The element of `decay` (per slot) a run applies, and the pass-1 decay rounded like that tensor.
+std::pair<double, double> slot_decay(const torch::Tensor& decay, int64_t slot, double spec) {
+  TORCH_CHECK(decay.device().is_cpu() && decay.is_contiguous() && slot >= 0 && slot < decay.numel(),
+              "hf_adamp fused: slot out of range of decay");
+  double value = 0, rounded = 0;
+  AT_DISPATCH_FLOATING_TYPES(decay.scalar_type(), "hf_adamp_decay", [&] {
+    value = static_cast<double>(decay.data_ptr<scalar_t>()[slot]);
+    rounded = static_cast<double>(static_cast<scalar_t>(spec));
+  });
+  return {value, rounded};
+}
+
+// Pass 1 of every run: moments, row sums into stats; full and speculating runs are finished.
+template <typename Scalars, typename Step>
+void first_pass(const Batch& b, const torch::Tensor& stats, const torch::Tensor& spec_coef,
+                const std::vector<Scalars>& scalars, const Step& step) {
+  std::vector<int64_t> units(b.count), cost(b.count);
+  std::vector<char> elementwise_run(b.count);
+  std::vector<StatsOut> sums(b.count);
+  for (int64_t i = 0; i < b.count; ++i) {
+    const int64_t* r = b.run(i);
+    const bool full = r[kMode] == kFull;
+    elementwise_run[i] = full;
+    units[i] = full ? r[kRows] * r[kLen] : r[kRows];
+    cost[i] = full ? 1 : std::max<int64_t>(r[kLen], 1);
+    if (!full) sums[i] = stats_out(stats, r[kStatRow], r[kRows]);
+    if (r[kMode] == kSpecChannel) check_rows_tensor(spec_coef, b.item(i)[2], r[kStatRow] + r[kRows], "spec_coef");
+  }
   const bool stats_double = stats.scalar_type() == at::kDouble;
-  const StatsOut sums = mode == kFull ? StatsOut{} : stats_out(stats, stat_row, rows);
-  dispatch(param, exp_avg, [&](auto p0, auto t0) {
-    using P = decltype(p0);
-    using T = decltype(t0);
-    const P* g = grad.data_ptr<P>() + start;
-    P* p = param.data_ptr<P>() + start;
-    T* m = exp_avg.data_ptr<T>() + start;
-    T* v = exp_avg_sq.data_ptr<T>() + start;
-    T* sc = mode == kSpecChannel ? row_ptr<T>(spec_coef, stat_row, rows, exp_avg, "spec_coef") : nullptr;
-    with_mode<4>(mode, nesterov, [&](auto mode_c, auto nest_c) {
+  run_shares(shares(units, cost, elementwise_run, at::get_num_threads()), [&](const Task& task) {
+    step(task, b.run(task.run), b.item(task.run), scalars[task.run], sums[task.run], stats_double);
+  });
+}
+
+// Pass 2 of every run: runs of a speculating pass 1 whose every row was guessed right are skipped whole. Returns
+// the rows written per run.
+template <typename Scalars, typename Step>
+torch::Tensor second_pass(const Batch& b, const torch::Tensor& coef, const torch::Tensor& spec_coef,
+                    const torch::Tensor& decay, std::vector<Scalars>& scalars, const Step& step) {
+  std::vector<int64_t> units(b.count), cost(b.count);
+  std::vector<char> elementwise_run(b.count, 0);
+  std::vector<double> decays(b.count);
+  for (int64_t i = 0; i < b.count; ++i) {
+    const int64_t* r = b.run(i);
+    const torch::Tensor& state = b.item(i)[2];
+    check_rows_tensor(coef, state, r[kStatRow] + r[kRows], "coef");
+    if (r[kMode] == kRepairChannel) check_rows_tensor(spec_coef, state, r[kStatRow] + r[kRows], "spec_coef");
+    TORCH_CHECK(r[kStatRow] >= 0, "hf_adamp fused: a pass-2 run needs stats rows");
+    const auto decided = slot_decay(decay, r[kSlot], scalars[i].decay);
+    const double d = decided.first, spec = decided.second;
+    decays[i] = d;
+    scalars[i].decay = spec;
+    bool active = true;
+    if (r[kMode] != kApply) {
+      dispatch(b.item(i)[1], state, [&](auto, auto t0) {
+        using T = decltype(t0);
+        const T* c = data_at<T>(coef, r[kStatRow]);
+        const T* sc = r[kMode] == kRepairChannel ? data_at<T>(spec_coef, r[kStatRow]) : nullptr;
+        active = false;
+        for (int64_t k = 0; k < r[kRows] && !active; ++k)
+          active = !guessed_right<T>(r[kMode], c[k], static_cast<T>(d), sc, k, static_cast<T>(spec));
+      });
+    }
+    units[i] = active ? r[kRows] : 0;  // no work at all where the guess was right
+    cost[i] = std::max<int64_t>(r[kLen], 1);
+  }
+  auto written = torch::zeros({b.count}, torch::kLong);
+  int64_t* out = written.data_ptr<int64_t>();
+  run_shares(shares(units, cost, elementwise_run, at::get_num_threads()), [&](const Task& task) {
+    const int64_t n = step(task, b.run(task.run), b.item(task.run), scalars[task.run], decays[task.run]);
+    __atomic_fetch_add(&out[task.run], n, __ATOMIC_RELAXED);
+  });
+  return written;
+}
+
+// What the entry points need of each optimizer: its scalars, tensors per parameter, and the row kernels.
+struct AdamKernels {
+  using Scalars = AdamScalars;
+  static constexpr int64_t kPer = 4, kCols = kAdamCols;  // grad, param, exp_avg, exp_avg_sq
+  static Scalars scalars(const double* x) {
+    return Scalars{x[kBeta1], x[kBeta2], x[kEpsS], x[kStep], x[kDecay], x[kEps], x[kNesterov] != 0, x[kMaximize] != 0};
+  }
+  template <typename P, typename T, int M, bool NEST>
+  static void pass1(const torch::Tensor* t, int64_t at, int64_t lo, int64_t hi, int64_t len, const Scalars& s,
+                    const StatsOut& sums, T* coef, bool stats_double, T* row) {
+    adam_pass1_rows<P, T, M, NEST>(data_at<P>(t[0], at), data_at<P>(t[1], at), data_at<T>(t[2], at),
+                                   data_at<T>(t[3], at), lo, hi, len, s, sums, coef, stats_double, row);
+  }
+  template <typename P, typename T, int R, bool NEST>
+  static int64_t pass2(const torch::Tensor* t, int64_t at, const T* coef, const T* spec_coef, int64_t lo, int64_t hi,
+                       int64_t len, const Scalars& s, double decay) {
+    return adam_pass2_rows<P, T, NEST, R>(data_at<P>(t[0], at), data_at<P>(t[1], at), data_at<T>(t[2], at),
+                                          data_at<T>(t[3], at), coef, spec_coef, lo, hi, len, s, decay);
+  }
+};
+
+struct SgdKernels {
+  using Scalars = SgdScalars;
+  static constexpr int64_t kPer = 3, kCols = kSgdCols;  // grad, param, momentum_buffer
+  static Scalars scalars(const double* x) {
+    return Scalars{x[kMomentum], 1 - x[kDampening], x[kLr], x[kSgdDecay], x[kSgdEps], x[kSgdNesterov] != 0,
+                   x[kSgdMaximize] != 0};
+  }
+  template <typename P, typename T, int M, bool NEST>
+  static void pass1(const torch::Tensor* t, int64_t at, int64_t lo, int64_t hi, int64_t len, const Scalars& s,
+                    const StatsOut& sums, T* coef, bool stats_double, T* row) {
+    sgd_pass1_rows<P, T, M, NEST>(data_at<P>(t[0], at), data_at<P>(t[1], at), data_at<T>(t[2], at), lo, hi, len, s,
+                                  sums, coef, stats_double, row);
+  }
+  template <typename P, typename T, int R, bool NEST>
+  static int64_t pass2(const torch::Tensor* t, int64_t at, const T* coef, const T* spec_coef, int64_t lo, int64_t hi,
+                       int64_t len, const Scalars& s, double decay) {
+    return sgd_pass2_rows<P, T, NEST, R>(data_at<P>(t[0], at), data_at<P>(t[1], at), data_at<T>(t[2], at), coef,
+                                         spec_coef, lo, hi, len, s, decay);
+  }
+};
+
+// Calls fn(P, T, mode, nesterov) for a run's (parameter, state) dtypes and mode, all as compile-time types.
+template <int Modes, typename F>
+void for_run(const torch::Tensor* t, int64_t mode, bool nesterov, const F& fn) {
+  dispatch(t[1], t[2], [&](auto p0, auto t0) {
+    with_mode<Modes>(mode, nesterov, [&](auto mode_c, auto nest_c) { fn(p0, t0, mode_c, nest_c); });
+  });
+}
+
+template <typename K>
+std::vector<typename K::Scalars> run_scalars(const Batch& b) {
+  std::vector<typename K::Scalars> s(b.count);
+  for (int64_t i = 0; i < b.count; ++i) s[i] = K::scalars(b.row(i));
+  return s;
+}
+
+// Pass 1 over all runs. spec_coef is a per-stats-row buffer (state dtype) that kSpecChannel runs fill.
+template <typename K>
+void first(std::vector<torch::Tensor> tensors, torch::Tensor runs, torch::Tensor scalars, torch::Tensor stats,
+           torch::Tensor spec_coef) {
+  const Batch b = batch(std::move(tensors), K::kPer, runs, scalars, K::kCols, 4);
+  first_pass(b, stats, spec_coef, run_scalars<K>(b), [&](const Task& task, const int64_t* r, const torch::Tensor* t,
+                                                         const typename K::Scalars& s, const StatsOut& sums,
+                                                         bool stats_double) {
+    for_run<4>(t, r[kMode], s.nesterov, [&](auto p0, auto t0, auto mode_c, auto nest_c) {
+      using P = decltype(p0);
+      using T = decltype(t0);
       constexpr int M = decltype(mode_c)::value;
       constexpr bool NEST = decltype(nest_c)::value;
-      if constexpr (M == kFull) {  // element-wise: split the elements, not the rows
-        at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
-          adam_pass1_impl<P, T, M, NEST>(g + a, p + a, m + a, v + a, 1, b - a, s, nullptr, nullptr, false);
-        });
+      if constexpr (M == kFull) {  // element-wise: the task's range is elements
+        K::template pass1<P, T, M, NEST>(t, r[kStart], task.lo, task.hi, 1, s, sums, nullptr, false, nullptr);
       } else {
-        adam_pass1_impl<P, T, M, NEST>(g, p, m, v, rows, len, s, &sums, sc, stats_double);
+        std::vector<T> row(M == kSpecChannel ? r[kLen] : 0);  // the row's update, in cache until applied
+        T* coef = M == kSpecChannel ? data_at<T>(spec_coef, r[kStatRow]) : nullptr;
+        K::template pass1<P, T, M, NEST>(t, r[kStart], task.lo, task.hi, r[kLen], s, sums, coef, stats_double,
+                                         row.data());
       }
     });
   });
 }
 
-// decay_spec is what a speculating pass 1 applied (rounded here like the decay tensor, to compare with it).
-int64_t adam_second(torch::Tensor grad, torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
-                    int64_t start, int64_t rows, int64_t len, int64_t repair, torch::Tensor coef, int64_t stat_row,
-                    torch::Tensor spec_coef, torch::Tensor decay, int64_t slot, double beta1, double eps_s,
-                    double step, double decay_spec, bool nesterov, bool maximize) {
-  const int64_t n = rows * len;
-  check_tensors({&grad, &param, &exp_avg, &exp_avg_sq}, param, start, n);
-  double spec_rounded = 0;
-  const double d = read_scalar(decay, slot, &spec_rounded, decay_spec);
-  const AdamScalars s{beta1, 0, eps_s, step, spec_rounded, 0, nesterov, maximize};
-  int64_t count = 0;
-  dispatch(param, exp_avg, [&](auto p0, auto t0) {
-    using P = decltype(p0);
-    using T = decltype(t0);
-    const P* g = grad.data_ptr<P>() + start;
-    P* p = param.data_ptr<P>() + start;
-    const T* m = exp_avg.data_ptr<T>() + start;
-    const T* v = exp_avg_sq.data_ptr<T>() + start;
-    const T* c = row_ptr<T>(coef, stat_row, rows, exp_avg, "coef");
-    const T* sc = repair == kRepairChannel ? row_ptr<T>(spec_coef, stat_row, rows, exp_avg, "spec_coef") : nullptr;
-    with_mode<3>(repair, nesterov, [&](auto mode_c, auto nest_c) {
-      count = adam_pass2_impl<P, T, decltype(nest_c)::value, decltype(mode_c)::value>(g, p, m, v, c, sc, rows, len,
-                                                                                          s, d);
+// Pass 2 over all runs (mode: kApply, kRepair, kRepairChannel). Returns the rows written per run.
+template <typename K>
+torch::Tensor second(std::vector<torch::Tensor> tensors, torch::Tensor runs, torch::Tensor scalars, torch::Tensor coef,
+                     torch::Tensor spec_coef, torch::Tensor decay) {
+  const Batch b = batch(std::move(tensors), K::kPer, runs, scalars, K::kCols, 3);
+  auto s = run_scalars<K>(b);
+  return second_pass(b, coef, spec_coef, decay, s, [&](const Task& task, const int64_t* r, const torch::Tensor* t,
+                                                       const typename K::Scalars& sc, double d) {
+    int64_t n = 0;
+    for_run<3>(t, r[kMode], sc.nesterov, [&](auto p0, auto t0, auto mode_c, auto nest_c) {
+      using P = decltype(p0);
+      using T = decltype(t0);
+      const T* c = data_at<T>(coef, r[kStatRow]);
+      const T* spc = r[kMode] == kRepairChannel ? data_at<T>(spec_coef, r[kStatRow]) : nullptr;
+      n = K::template pass2<P, T, decltype(mode_c)::value, decltype(nest_c)::value>(t, r[kStart], c, spc, task.lo,
+                                                                                    task.hi, r[kLen], sc, d);
     });
+    return n;
   });
-  return count;
-}
-
-void sgd_first(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_buffer, int64_t start, int64_t rows,
-               int64_t len, int64_t mode, torch::Tensor stats, int64_t stat_row, torch::Tensor spec_coef,
-               double momentum, double dampening, double lr, double decay, double eps, bool nesterov, bool maximize) {
-  const int64_t n = rows * len;
-  check_tensors({&grad, &param, &momentum_buffer}, param, start, n);
-  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
-  const SgdScalars s{momentum, 1 - dampening, lr, decay, eps, nesterov, maximize};
-  const bool stats_double = stats.scalar_type() == at::kDouble;
-  const StatsOut sums = mode == kFull ? StatsOut{} : stats_out(stats, stat_row, rows);
-  dispatch(param, momentum_buffer, [&](auto p0, auto t0) {
-    using P = decltype(p0);
-    using T = decltype(t0);
-    const P* g = grad.data_ptr<P>() + start;
-    P* p = param.data_ptr<P>() + start;
-    T* b = momentum_buffer.data_ptr<T>() + start;
-    T* sc = mode == kSpecChannel ? row_ptr<T>(spec_coef, stat_row, rows, momentum_buffer, "spec_coef") : nullptr;
-    with_mode<4>(mode, nesterov, [&](auto mode_c, auto nest_c) {
-      constexpr int M = decltype(mode_c)::value;
-      constexpr bool NEST = decltype(nest_c)::value;
-      if constexpr (M == kFull) {
-        at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t c) {
-          sgd_pass1_impl<P, T, M, NEST>(g + a, p + a, b + a, 1, c - a, s, nullptr, nullptr, false);
-        });
-      } else {
-        sgd_pass1_impl<P, T, M, NEST>(g, p, b, rows, len, s, &sums, sc, stats_double);
-      }
-    });
-  });
-}
-
-int64_t sgd_second(torch::Tensor grad, torch::Tensor param, torch::Tensor momentum_buffer, int64_t start,
-                   int64_t rows, int64_t len, int64_t repair, torch::Tensor coef, int64_t stat_row,
-                   torch::Tensor spec_coef, torch::Tensor decay, int64_t slot, double momentum, double lr,
-                   double decay_spec, bool nesterov, bool maximize) {
-  const int64_t n = rows * len;
-  check_tensors({&grad, &param, &momentum_buffer}, param, start, n);
-  double spec_rounded = 0;
-  const double d = read_scalar(decay, slot, &spec_rounded, decay_spec);
-  const SgdScalars s{momentum, 0, lr, spec_rounded, 0, nesterov, maximize};
-  int64_t count = 0;
-  dispatch(param, momentum_buffer, [&](auto p0, auto t0) {
-    using P = decltype(p0);
-    using T = decltype(t0);
-    const P* g = grad.data_ptr<P>() + start;
-    P* p = param.data_ptr<P>() + start;
-    T* b = momentum_buffer.data_ptr<T>() + start;
-    const T* c = row_ptr<T>(coef, stat_row, rows, momentum_buffer, "coef");
-    const T* sc =
-        repair == kRepairChannel ? row_ptr<T>(spec_coef, stat_row, rows, momentum_buffer, "spec_coef") : nullptr;
-    with_mode<3>(repair, nesterov, [&](auto mode_c, auto nest_c) {
-      count = sgd_pass2_impl<P, T, decltype(nest_c)::value, decltype(mode_c)::value>(g, p, b, c, sc, rows, len, s,
-                                                                                         d);
-    });
-  });
-  return count;
 }
 
 // ------------------------------------------------------------------------------------------------ decision
@@ -614,9 +733,9 @@ std::vector<torch::Tensor> decide(torch::Tensor stats, torch::Tensor counts, tor
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("adam_first", &adam_first, "AdamP pass 1: moments, row sums; finishes full/speculated runs");
-  m.def("adam_second", &adam_second, "AdamP pass 2: projection, weight decay, step (or repair); rows written");
-  m.def("sgd_first", &sgd_first, "SGDP pass 1: momentum, row sums; finishes full/speculated runs");
-  m.def("sgd_second", &sgd_second, "SGDP pass 2: projection, weight decay, step (or repair); rows written");
+  m.def("adam_first", &first<AdamKernels>, "AdamP pass 1: moments, row sums; finishes full/speculated runs");
+  m.def("adam_second", &second<AdamKernels>, "AdamP pass 2: projection, decay, step (or repair); rows written per run");
+  m.def("sgd_first", &first<SgdKernels>, "SGDP pass 1: momentum, row sums; finishes full/speculated runs");
+  m.def("sgd_second", &second<SgdKernels>, "SGDP pass 2: projection, decay, step (or repair); rows written per run");
   m.def("decide", &decide, "projection.decide on a CPU stats buffer: coef, projected, kind, weight_norm");
 }

@@ -15,7 +15,6 @@ whole tensors and documents the maths, and a fast one that works in cache-sized 
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +99,7 @@ class ProjectedOptimizer(Optimizer):
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._stats: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         self._step_cache: dict[str, Any] = {}
+        self._segments: dict[int, tuple[Any, ParamSpec, list[Segment]]] = {}  # see _unsharded_segments
         # last record per layout (None: unsharded), so engines that step group by group report them all
         self._records: dict[int | None, StepRecord] = {}
 
@@ -190,6 +190,13 @@ class ProjectedOptimizer(Optimizer):
             )
 
     # ----- what subclasses provide -----
+    _STATE_KEYS: tuple[str, ...] | None = None  # state tensors the fused kernels update (None: no kernels)
+    _KERNELS = ""  # prefix of the kernels' entry points (hf_adamp.kernels): "adam", "sgd"
+
+    def _kernel_scalars(self, item: Item, decay: float) -> list[float]:
+        """One row of the kernels' scalar table for a run of ``item`` that applies ``decay`` in pass 1."""
+        raise NotImplementedError
+
     def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
@@ -242,8 +249,14 @@ class ProjectedOptimizer(Optimizer):
         device = tensors[0].device if tensors else torch.device("cpu")
         stats = self._stats_buffer(total_rows, stats_dtype, device)
 
+        from . import _fused  # deferred, like the triton glue below: both import this module
+
         for item in items:
             self._prepare(item)
+        on_kernels, others = self._split_kernel_items(items)
+        if on_kernels:
+            _fused.first(self, on_kernels, stats)
+        for item in others:
             (self._first_fast if self._fast(item) else self._first_plain)(item, stats)
 
         if sharded:
@@ -254,8 +267,7 @@ class ProjectedOptimizer(Optimizer):
             self._records.pop(record_key, None)
             return loss
         # the fused CPU kernels' steps come with their decision in C++ too; other paths keep projection.decide
-        fused = any("fused" in item.extra for item in items)
-        decision, decay, lr = self._decide(stats, specs, slot_groups, fused)
+        decision, decay, lr = self._decide(stats, specs, slot_groups, fused=bool(on_kernels))
         # 1-D parameters listed in a layout have a slot but no rows: never projected, not reported
         keys = [k if spec.rows else None for k, spec in zip(keys, specs, strict=True)]
         self._records[record_key] = StepRecord(keys, decision.kind, decision.weight_norm, lr)
@@ -266,8 +278,29 @@ class ProjectedOptimizer(Optimizer):
             dt = state_dtype(item.param)
             if dt not in coefs:
                 coefs[dt] = decision.coef.to(dt)
-            (self._second_fast if self._fast(item) else self._second_plain)(item, coefs[dt], decay)
+        if on_kernels:
+            _fused.second(self, on_kernels, coefs, decay)
+        for item in others:
+            (self._second_fast if self._fast(item) else self._second_plain)(item, coefs[state_dtype(item.param)], decay)
         return loss
+
+    def _split_kernel_items(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
+        """The items the fused CPU kernels step (all in one call per pass), and the others."""
+        if self._STATE_KEYS is None:
+            return [], items
+        from . import _fused, _triton
+
+        keys = self._STATE_KEYS
+        triton_on_cpu = self.once_per_step("triton_on_cpu", _triton.forced_on_cpu)  # tests: Triton's interpreter
+        on, off = [], []
+        for item in items:
+            takes = (
+                self._fast(item)
+                and _fused.usable(self, item, keys)
+                and not (triton_on_cpu and _triton.usable(item, keys))
+            )
+            (on if takes else off).append(item)
+        return on, off
 
     def _slot_kinds(self) -> list[int]:
         """This step's decision per slot as host ints (a sync on accelerators: only the CPU kernels use it)."""
@@ -311,16 +344,12 @@ class ProjectedOptimizer(Optimizer):
                         if seg.slot >= 0 and slot_groups[seg.slot] is None:
                             slot_groups[seg.slot] = group
                 else:
-                    if p.dim() > 1 and p.numel() > 0:
-                        spec = ParamSpec(tuple(p.shape))
-                        slot = len(specs)
+                    spec, segments = self._unsharded_segments(p, len(specs), offset, chunk)
+                    if spec is not None:
                         specs.append(spec)
                         slot_groups.append(group)
                         keys.append(p)
-                        segments = _split(Piece(slot, 0, 0, p.numel()), spec, offset, chunk)
                         offset += spec.rows
-                    else:
-                        segments = _split(Piece(-1, 0, 0, p.numel()), ParamSpec((p.numel(),)), 0, chunk)
                 grad = p.grad
                 if is_dtensor(p):  # FSDP2: the step works on this rank's shard (its layout says which rows)
                     p, grad, state = p.to_local(), grad.to_local(), LocalState(state)
@@ -328,6 +357,21 @@ class ProjectedOptimizer(Optimizer):
                     grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
                 items.append(Item(p, grad, state, group, segments, specs=specs))
         return items, specs, slot_groups, keys
+
+    def _unsharded_segments(
+        self, p: Tensor, slot: int, offset: int, chunk: int
+    ) -> tuple[ParamSpec | None, list[Segment]]:
+        """An unsharded tensor's slot spec (None: never projected) and its segments, cached per tensor: they are
+        the same every step (read-only lists)."""
+        projectable = p.dim() > 1 and p.numel() > 0
+        key = (p.shape, slot, offset, chunk) if projectable else (p.shape, -1, 0, chunk)
+        cached = self._segments.get(id(p))
+        if cached is None or cached[0] != key:
+            n = p.numel()
+            spec = ParamSpec(tuple(p.shape)) if projectable else ParamSpec((n,))
+            piece = Piece(slot, 0, 0, n) if projectable else Piece(-1, 0, 0, n)
+            cached = self._segments[id(p)] = (key, spec, split_piece(piece, spec, key[2], chunk))
+        return (cached[1] if projectable else None), cached[2]
 
     def once_per_step(self, key: str, read: Callable[[], Any]) -> Any:
         """``read()`` the first time ``key`` is asked for in this step, its value afterwards (switches that
@@ -343,7 +387,7 @@ class ProjectedOptimizer(Optimizer):
     def _chunk_elems(self, p: Tensor, group: dict[str, Any]) -> int:
         """Segment size: whole pieces for the plain path and the fused CPU kernels (one call per piece),
         cache-sized chunks for the eager fast path."""
-        if group.get("foreach") is False or (p.device.type == "cpu" and self.kernels_available()):
+        if group.get("foreach") is False or (p.is_cpu and self.kernels_available()):
             return _WHOLE
         return CHUNK_ELEMS
 
@@ -467,12 +511,6 @@ class ProjectedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
-
-
-@functools.lru_cache(maxsize=4096)
-def _split(piece: Piece, spec: ParamSpec, stat_offset: int, max_elems: int) -> list[Segment]:
-    """split_piece for unsharded parameters, whose segments are the same every step (read-only lists)."""
-    return split_piece(piece, spec, stat_offset, max_elems)
 
 
 def is_dtensor(t: Tensor) -> bool:

@@ -1,7 +1,8 @@
 """Glue between the phased step and the fused CPU kernels of ``hf_adamp.kernels``.
 
-Each local tensor's segments are merged back into runs (one kernel call per parameter piece, not per
-cache-sized chunk), and every run gets a pass-1 mode:
+Each local tensor's segments are merged back into runs (parameter pieces, not cache-sized chunks), and every
+run gets a pass-1 mode. All runs of a step (of one state dtype) go to the kernels in one call per pass, as a
+table, so the step costs one parallel region per pass instead of one per tensor:
 
 * FULL: never projected (1-D parameters): the whole step in one pass;
 * FIRST: moments and row sums in pass 1, the decided step in pass 2 (40 bytes per fp32 parameter);
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import projection
+from .. import kernels, projection
 from ..sharding.layout import Segment
 from ._base import Item, flat, state_dtype
 
@@ -50,20 +51,16 @@ class Plan:
     runs: list[Segment]
     modes: list[int]
     tensors: list[Tensor]  # grad, param, then the state tensors (the kernels address their storage)
-    spec_coef: Tensor  # per stats row: the coefficient a SPEC_CHANNEL run applied
     decays: tuple[float, float]  # the weight-decay factors (not projected, projected) pass 1 used
 
 
 def usable(opt: Any, item: Item, state_keys: tuple[str, ...]) -> bool:
     """The kernels can step this tensor: CPU, a supported dtype, gradient and state in the expected dtypes."""
     p = item.param
-    return (
-        p.device.type == "cpu"
-        and p.dtype in _DTYPES
-        and item.grad.dtype == p.dtype
-        and all(item.state[k].dtype == state_dtype(p) for k in state_keys)
-        and opt.kernels_available()
-    )
+    if not p.is_cpu or p.dtype not in _DTYPES or item.grad.dtype != p.dtype:
+        return False
+    dtype, state = state_dtype(p), item.state
+    return all(state[k].dtype == dtype for k in state_keys) and opt.kernels_available()
 
 
 def speculation_enabled() -> bool:
@@ -101,12 +98,12 @@ def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decays: tuple[float,
     key = id(item.param)
     segs = item.segments
     cached = _runs_cache(opt).get(key)
-    if cached is not None and cached[0] == segs:  # a cheap comparison of small tuples, no merging
+    if cached is not None and (cached[0] is segs or cached[0] == segs):  # the same list, or equal small tuples
         runs = cached[1]
     else:
         flat(item.param)  # raises, with advice, where the rows are not contiguous in memory
         runs = merge_runs(segs)
-        _runs_cache(opt)[key] = (list(segs), runs)
+        _runs_cache(opt)[key] = (segs, runs)
     memory = item.state.get(MEMORY_KEY)
     if not isinstance(memory, list) or len(memory) != len(runs):
         memory = None
@@ -128,8 +125,69 @@ def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decays: tuple[float,
             modes.append(SPEC_CHANNEL if whole else FIRST)
         else:
             modes.append(SPEC)
-    spec_coef = _spec_coef(opt, stats, state_dtype(item.param)) if SPEC_CHANNEL in modes else stats
-    return Plan(runs, modes, [item.grad, item.param] + [item.state[k] for k in state_keys], spec_coef, decays)
+    return Plan(runs, modes, [item.grad, item.param] + [item.state[k] for k in state_keys], decays)
+
+
+def first(opt: Any, items: list[Item], stats: Tensor) -> None:
+    """Pass 1 of every item (all on the kernels): one kernel call per state dtype."""
+    keys = opt._STATE_KEYS
+    launch = getattr(kernels.module(), opt._KERNELS + "_first")
+    for dtype, batch in _by_state_dtype(items):
+        tensors: list[Tensor] = []
+        runs: list[tuple[int, ...]] = []
+        scalars: list[list[float]] = []
+        for item in batch:
+            p = plan(opt, item, keys, opt._decay_factors(item.group), stats)
+            index = len(tensors) // len(p.tensors)
+            tensors += p.tensors
+            for run, mode in zip(p.runs, p.modes):
+                runs.append((index, run.start, run.rows, run.row_len, mode, max(run.stat_row, 0), run.slot))
+                scalars.append(opt._kernel_scalars(item, pass1_decay(p, mode)))
+            if any(mode != FULL for mode in p.modes):
+                item.extra["fused"] = p
+        launch(tensors, _table(runs, torch.int64), _table(scalars, torch.float64), stats, _spec_coef(opt, stats, dtype))
+
+
+def second(opt: Any, items: list[Item], coefs: dict[torch.dtype, Tensor], decay: Tensor) -> None:
+    """Pass 2 of the items pass 1 left unfinished, one kernel call per state dtype. Keeps each item's outcome
+    for the next step's guess."""
+    launch = getattr(kernels.module(), opt._KERNELS + "_second")
+    for dtype, batch in _by_state_dtype(items):
+        tensors: list[Tensor] = []
+        runs: list[tuple[int, ...]] = []
+        scalars: list[list[float]] = []
+        for item in batch:
+            p = item.extra.pop("fused", None)
+            if p is None:
+                continue
+            index = len(tensors) // len(p.tensors)
+            added = False
+            for run, mode in zip(p.runs, p.modes):
+                if needs_pass2(opt, run, mode):
+                    runs.append((index, run.start, run.rows, run.row_len, PASS2[mode], run.stat_row, run.slot))
+                    scalars.append(opt._kernel_scalars(item, pass1_decay(p, mode)))
+                    added = True
+            if added:
+                tensors += p.tensors
+            remember(opt, item, p)
+        if runs:
+            coef = coefs[dtype]
+            launch(
+                tensors, _table(runs, torch.int64), _table(scalars, torch.float64), coef, _spec_coef(opt, coef, dtype),
+                decay,
+            )  # fmt: skip
+
+
+def _by_state_dtype(items: list[Item]) -> list[tuple[torch.dtype, list[Item]]]:
+    groups: dict[torch.dtype, list[Item]] = {}
+    for item in items:
+        groups.setdefault(state_dtype(item.param), []).append(item)
+    return list(groups.items())
+
+
+def _table(rows: list, dtype: torch.dtype) -> Tensor:
+    width = len(rows[0]) if rows else 0
+    return torch.tensor(rows, dtype=dtype) if rows else torch.empty((0, width), dtype=dtype)
 
 
 def pass1_decay(plan: Plan, mode: int) -> float:
@@ -151,12 +209,13 @@ def remember(opt: Any, item: Item, plan: Plan) -> None:
     item.state[MEMORY_KEY] = [kinds[run.slot] if run.slot >= 0 else projection.NONE for run in plan.runs]
 
 
-def _spec_coef(opt: Any, stats: Tensor, dtype: torch.dtype) -> Tensor:
-    # one buffer per step and dtype, indexed by statistics row like the decided coefficients
+def _spec_coef(opt: Any, rows: Tensor, dtype: torch.dtype) -> Tensor:
+    # one buffer per dtype, indexed by statistics row like the decided coefficients (rows: the stats buffer or
+    # the coefficients, whose last dimension counts the rows)
     cache = opt.__dict__.setdefault("_fused_spec_coef", {})
     buf = cache.get(dtype)
-    if buf is None or buf.numel() < stats.shape[1]:
-        buf = cache[dtype] = torch.zeros(stats.shape[1], dtype=dtype)
+    if buf is None or buf.numel() < rows.shape[-1]:
+        buf = cache[dtype] = torch.zeros(rows.shape[-1], dtype=dtype)
     return buf
 
 

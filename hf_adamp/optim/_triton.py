@@ -43,7 +43,7 @@ class Plan:
     tensors: list[Tensor]  # flat grad, param, then the state tensors
 
 
-def _forced_on_cpu() -> bool:
+def forced_on_cpu() -> bool:
     return os.environ.get(ON_CPU_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -68,7 +68,7 @@ def usable(item: Item, state_keys: tuple[str, ...]) -> bool:
     """The Triton kernels can step this tensor: CUDA (or the test interpreter), fp32/fp16/bf16 weights with
     gradient of the same dtype, fp32 state laid out like the weight."""
     p = item.param
-    if p.device.type != "cuda" and not (p.device.type == "cpu" and _forced_on_cpu()):
+    if p.device.type != "cuda" and not (p.device.type == "cpu" and forced_on_cpu()):
         return False  # checked first: CPU tensors never get near the triton import
     if kernels.disabled_by_env() or p.dtype not in _DTYPES or item.grad.dtype != p.dtype:
         return False

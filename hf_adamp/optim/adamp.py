@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import kernels, projection
-from . import _fused, _triton
+from .. import projection
+from . import _triton
 from ._base import (
     Item,
     ProjectedOptimizer,
@@ -155,10 +155,8 @@ class AdamP(ProjectedOptimizer):
 
     # ----- fast path: the same maths in cache-sized chunks, update recomputed in the second half -----
     def _first_fast(self, item: Item, stats: Tensor) -> None:
-        if _triton.usable(item, _STATE):  # CUDA
-            return _triton.adam_first(self, item, stats, _STATE)
-        if _fused.usable(self, item, _STATE):
-            return self._first_kernel(item, stats)
+        if _triton.usable(item, self._STATE_KEYS):  # CUDA
+            return _triton.adam_first(self, item, stats, self._STATE_KEYS)
         if _fusable(item):
             return self._first_fused(item, stats)
         s, group = item.scalars, item.group
@@ -188,9 +186,6 @@ class AdamP(ProjectedOptimizer):
     def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
         if "triton" in item.extra:
             return _triton.adam_second(item, coef, decay)
-        plan = item.extra.pop("fused", None)
-        if plan is not None:
-            return self._second_kernel(item, coef, decay, plan)
         s, group = item.scalars, item.group
         if all(seg.slot < 0 for seg in item.segments):
             return
@@ -219,34 +214,15 @@ class AdamP(ProjectedOptimizer):
             if upcast:
                 seg_view(f_p, seg).copy_(p)
 
-    # ----- fused kernels (hf_adamp.kernels): one call per run, no chunking -----
-    def _first_kernel(self, item: Item, stats: Tensor) -> None:
-        s, group = item.scalars, item.group
-        plan = _fused.plan(self, item, _STATE, self._decay_factors(group), stats)
-        first = kernels.module().adam_first
-        eps_s, step = s["eps"] * s["sqrt_bc2"], s["step_size"] * s["sqrt_bc2"]
-        for run, mode in zip(plan.runs, plan.modes):
-            first(
-                *plan.tensors, run.start, run.rows, run.row_len, mode, stats, max(run.stat_row, 0), plan.spec_coef,
-                s["beta1"], s["beta2"], eps_s, step, _fused.pass1_decay(plan, mode), s["eps"], group["nesterov"],
-                group["maximize"],
-            )  # fmt: skip
-        if any(mode != _fused.FULL for mode in plan.modes):
-            item.extra["fused"] = plan
+    # ----- fused kernels (hf_adamp.kernels, driven by _fused): one row of the kernels' scalar table per run -----
+    _KERNELS = "adam"
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
-    def _second_kernel(self, item: Item, coef: Tensor, decay: Tensor, plan: _fused.Plan) -> None:
+    def _kernel_scalars(self, item: Item, decay: float) -> list[float]:
         s, group = item.scalars, item.group
-        second = kernels.module().adam_second
         eps_s, step = s["eps"] * s["sqrt_bc2"], s["step_size"] * s["sqrt_bc2"]
-        for run, mode in zip(plan.runs, plan.modes):
-            if not _fused.needs_pass2(self, run, mode):
-                continue
-            second(
-                *plan.tensors, run.start, run.rows, run.row_len, _fused.PASS2[mode], coef, run.stat_row,
-                plan.spec_coef, decay, run.slot, s["beta1"], eps_s, step, _fused.pass1_decay(plan, mode),
-                group["nesterov"], group["maximize"],
-            )  # fmt: skip
-        _fused.remember(self, item, plan)
+        nesterov, maximize = float(group["nesterov"]), float(group["maximize"])
+        return [s["beta1"], s["beta2"], eps_s, step, decay, s["eps"], nesterov, maximize]
 
     # ----- fused variant: torch's fused AdamW kernel applies the step -----
     # AdamP's step is AdamW's step on a weight pre-scaled row by row:
@@ -334,4 +310,3 @@ def _fusable(item: Item) -> bool:
 
 
 _FUSED_DEVICES = ("cpu", "cuda")
-_STATE = ("exp_avg", "exp_avg_sq")

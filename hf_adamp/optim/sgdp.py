@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from .. import kernels, projection
-from . import _fused, _triton
+from .. import projection
+from . import _triton
 from ._base import (
     Item,
     ProjectedOptimizer,
@@ -141,10 +141,8 @@ class SGDP(ProjectedOptimizer):
 
     # ----- fast path -----
     def _first_fast(self, item: Item, stats: Tensor) -> None:
-        if _triton.usable(item, _STATE):  # CUDA
-            return _triton.sgd_first(self, item, stats, _STATE)
-        if _fused.usable(self, item, _STATE):
-            return self._first_kernel(item, stats)
+        if _triton.usable(item, self._STATE_KEYS):  # CUDA
+            return _triton.sgd_first(self, item, stats, self._STATE_KEYS)
         s, group = item.scalars, item.group
         f_p, f_g, f_b = flat(item.param), flat(item.grad), flat(item.state["momentum"])
         dt = f_b.dtype
@@ -172,9 +170,6 @@ class SGDP(ProjectedOptimizer):
     def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
         if "triton" in item.extra:
             return _triton.sgd_second(item, coef, decay)
-        plan = item.extra.pop("fused", None)
-        if plan is not None:
-            return self._second_kernel(item, coef, decay, plan)
         s, group = item.scalars, item.group
         if all(seg.slot < 0 for seg in item.segments):
             return
@@ -195,32 +190,14 @@ class SGDP(ProjectedOptimizer):
             if upcast:
                 seg_view(f_p, seg).copy_(p)
 
-    # ----- fused kernels (hf_adamp.kernels): one call per run, no chunking -----
-    def _first_kernel(self, item: Item, stats: Tensor) -> None:
-        s, group = item.scalars, item.group
-        plan = _fused.plan(self, item, _STATE, self._decay_factors(group), stats)
-        first = kernels.module().sgd_first
-        for run, mode in zip(plan.runs, plan.modes):
-            first(
-                *plan.tensors, run.start, run.rows, run.row_len, mode, stats, max(run.stat_row, 0), plan.spec_coef,
-                s["momentum"], s["dampening"], s["lr"], _fused.pass1_decay(plan, mode), group["eps"],
-                group["nesterov"], group["maximize"],
-            )  # fmt: skip
-        if any(mode != _fused.FULL for mode in plan.modes):
-            item.extra["fused"] = plan
+    # ----- fused kernels (hf_adamp.kernels, driven by _fused): one row of the kernels' scalar table per run -----
+    _KERNELS = "sgd"
+    _STATE_KEYS = ("momentum",)
 
-    def _second_kernel(self, item: Item, coef: Tensor, decay: Tensor, plan: _fused.Plan) -> None:
+    def _kernel_scalars(self, item: Item, decay: float) -> list[float]:
         s, group = item.scalars, item.group
-        second = kernels.module().sgd_second
-        for run, mode in zip(plan.runs, plan.modes):
-            if not _fused.needs_pass2(self, run, mode):
-                continue
-            second(
-                *plan.tensors, run.start, run.rows, run.row_len, _fused.PASS2[mode], coef, run.stat_row,
-                plan.spec_coef, decay, run.slot, s["momentum"], s["lr"], _fused.pass1_decay(plan, mode),
-                group["nesterov"], group["maximize"],
-            )  # fmt: skip
-        _fused.remember(self, item, plan)
+        nesterov, maximize = float(group["nesterov"]), float(group["maximize"])
+        return [s["momentum"], s["dampening"], s["lr"], decay, group["eps"], nesterov, maximize]
 
     @staticmethod
     def _direction(out: Tensor, buf: Tensor, grad: Tensor | None, s: dict, nesterov: bool, seg: Any) -> Tensor:
@@ -228,6 +205,3 @@ class SGDP(ProjectedOptimizer):
         if not nesterov:
             return buf
         return torch.add(grad, buf, alpha=s["momentum"], out=out.view(seg.rows, seg.row_len))
-
-
-_STATE = ("momentum",)
