@@ -674,12 +674,15 @@ void decide_impl(const S* stats, int64_t stride, const int64_t* counts, const do
     const int64_t r1 = r0 + counts[k];
     const S e = static_cast<S>(eps[k]);
     S cos_max = -1;
-    bool nan = false;  // a NaN cosine fails the test, as torch's amax would make it
+    int nan = 0;  // a NaN cosine fails the test, as torch's amax would make it
     double l_gp = 0, l_gg = 0, l_pp = 0, l_pu = 0;
+    // vector reductions: the max is exact in any order; the layer sums are added in double, in lanes
+#pragma omp simd reduction(max : cos_max) reduction(| : nan) reduction(+ : l_gp, l_gg, l_pp, l_pu)
     for (int64_t r = r0; r < r1; ++r) {
-      const S cos = std::abs(gp[r]) / (std::max(std::sqrt(gg[r]), e) * std::max(std::sqrt(pp[r]), e));
-      nan |= std::isnan(cos);
-      cos_max = std::max(cos_max, cos);
+      const S g_norm = std::sqrt(gg[r]), p_norm = std::sqrt(pp[r]);
+      const S cos = std::abs(gp[r]) / ((g_norm < e ? e : g_norm) * (p_norm < e ? e : p_norm));  // std::max, NaN kept
+      nan |= cos != cos;
+      cos_max = cos > cos_max ? cos : cos_max;
       l_gp += gp[r], l_gg += gg[r], l_pp += pp[r], l_pu += pu[r];
     }
     // slots without rows (1-D parameters listed in a layout) are never projected

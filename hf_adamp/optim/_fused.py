@@ -23,6 +23,7 @@ The guess is the previous step's outcome, kept per run in the optimizer state un
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ FIRST, FULL, SPEC, SPEC_CHANNEL = 0, 1, 2, 3
 APPLY, REPAIR, REPAIR_CHANNEL = 0, 1, 2
 PASS2 = {FIRST: APPLY, SPEC: REPAIR, SPEC_CHANNEL: REPAIR_CHANNEL}
 MEMORY_KEY = "last_projection"
+RUN_COLS = 7  # a run in the kernels' table: tensor index, start, rows, row length, mode, first stats row, slot
 SPECULATE_ENV = "HF_ADAMP_SPECULATE"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Repairs divide by the speculated decay; below this they would lose precision (huge weight decay only).
@@ -104,6 +106,9 @@ def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decays: tuple[float,
         flat(item.param)  # raises, with advice, where the rows are not contiguous in memory
         runs = merge_runs(segs)
         _runs_cache(opt)[key] = (segs, runs)
+    tensors = [item.grad, item.param] + [item.state[k] for k in state_keys]
+    if all(run.slot < 0 for run in runs):  # never projected: nothing to guess
+        return Plan(runs, [FULL] * len(runs), tensors, decays)
     memory = item.state.get(MEMORY_KEY)
     if not isinstance(memory, list) or len(memory) != len(runs):
         memory = None
@@ -125,7 +130,7 @@ def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decays: tuple[float,
             modes.append(SPEC_CHANNEL if whole else FIRST)
         else:
             modes.append(SPEC)
-    return Plan(runs, modes, [item.grad, item.param] + [item.state[k] for k in state_keys], decays)
+    return Plan(runs, modes, tensors, decays)
 
 
 def first(opt: Any, items: list[Item], stats: Tensor) -> None:
@@ -134,18 +139,19 @@ def first(opt: Any, items: list[Item], stats: Tensor) -> None:
     launch = getattr(kernels.module(), opt._KERNELS + "_first")
     for dtype, batch in _by_state_dtype(items):
         tensors: list[Tensor] = []
-        runs: list[tuple[int, ...]] = []
-        scalars: list[list[float]] = []
+        runs, scalars = array("q"), array("d")
         for item in batch:
             p = plan(opt, item, keys, opt._decay_factors(item.group), stats)
             index = len(tensors) // len(p.tensors)
             tensors += p.tensors
             for run, mode in zip(p.runs, p.modes):
-                runs.append((index, run.start, run.rows, run.row_len, mode, max(run.stat_row, 0), run.slot))
-                scalars.append(opt._kernel_scalars(item, pass1_decay(p, mode)))
+                runs.extend((index, run.start, run.rows, run.row_len, mode, max(run.stat_row, 0), run.slot))
+                scalars.extend(opt._kernel_scalars(item, pass1_decay(p, mode)))
             if any(mode != FULL for mode in p.modes):
                 item.extra["fused"] = p
-        launch(tensors, _table(runs, torch.int64), _table(scalars, torch.float64), stats, _spec_coef(opt, stats, dtype))
+        if runs:  # none only where every tensor is empty
+            count = len(runs) // RUN_COLS
+            launch(tensors, _table(runs, count), _table(scalars, count), stats, _spec_coef(opt, stats, dtype))
 
 
 def second(opt: Any, items: list[Item], coefs: dict[torch.dtype, Tensor], decay: Tensor) -> None:
@@ -154,8 +160,7 @@ def second(opt: Any, items: list[Item], coefs: dict[torch.dtype, Tensor], decay:
     launch = getattr(kernels.module(), opt._KERNELS + "_second")
     for dtype, batch in _by_state_dtype(items):
         tensors: list[Tensor] = []
-        runs: list[tuple[int, ...]] = []
-        scalars: list[list[float]] = []
+        runs, scalars = array("q"), array("d")
         for item in batch:
             p = item.extra.pop("fused", None)
             if p is None:
@@ -164,18 +169,16 @@ def second(opt: Any, items: list[Item], coefs: dict[torch.dtype, Tensor], decay:
             added = False
             for run, mode in zip(p.runs, p.modes):
                 if needs_pass2(opt, run, mode):
-                    runs.append((index, run.start, run.rows, run.row_len, PASS2[mode], run.stat_row, run.slot))
-                    scalars.append(opt._kernel_scalars(item, pass1_decay(p, mode)))
+                    runs.extend((index, run.start, run.rows, run.row_len, PASS2[mode], run.stat_row, run.slot))
+                    scalars.extend(opt._kernel_scalars(item, pass1_decay(p, mode)))
                     added = True
             if added:
                 tensors += p.tensors
             remember(opt, item, p)
         if runs:
             coef = coefs[dtype]
-            launch(
-                tensors, _table(runs, torch.int64), _table(scalars, torch.float64), coef, _spec_coef(opt, coef, dtype),
-                decay,
-            )  # fmt: skip
+            count = len(runs) // RUN_COLS
+            launch(tensors, _table(runs, count), _table(scalars, count), coef, _spec_coef(opt, coef, dtype), decay)
 
 
 def _by_state_dtype(items: list[Item]) -> list[tuple[torch.dtype, list[Item]]]:
@@ -185,9 +188,10 @@ def _by_state_dtype(items: list[Item]) -> list[tuple[torch.dtype, list[Item]]]:
     return list(groups.items())
 
 
-def _table(rows: list, dtype: torch.dtype) -> Tensor:
-    width = len(rows[0]) if rows else 0
-    return torch.tensor(rows, dtype=dtype) if rows else torch.empty((0, width), dtype=dtype)
+def _table(values: array, rows: int) -> Tensor:
+    """A (rows, -1) table of the kernels (runs: int64; scalars: float64) viewing the array's memory, no copy (the
+    array lives until the kernel call returns)."""
+    return torch.frombuffer(values, dtype=torch.int64 if values.typecode == "q" else torch.float64).view(rows, -1)
 
 
 def pass1_decay(plan: Plan, mode: int) -> float:
