@@ -234,10 +234,12 @@ template <typename P, typename T, int MODE, bool NEST>
 void sgd_pass1_rows(const P* g, P* p, T* b, int64_t r0, int64_t r1, int64_t len, const SgdScalars& s,
                     const StatsOut& sums, T* spec_coef, bool stats_double, T* u) {
   const T mu = s.momentum, damp1 = s.damp1, lr = s.lr, decay = s.decay, sign = s.maximize ? -1 : 1;
+  // a one-pass channel guess without Nesterov writes the buffer once, in its second sweep (u holds it meanwhile)
+  constexpr bool kBufferLater = MODE == kSpecChannel && !NEST;
   auto momentum = [&](int64_t j, T& gj, T& dj) {
     gj = sign * up<T>(g[j]);
     const T bj = mu * b[j] + damp1 * gj;
-    b[j] = bj;
+    if (!kBufferLater) b[j] = bj;
     dj = NEST ? gj + mu * bj : bj;
   };
   if constexpr (MODE == kFull) {
@@ -265,16 +267,16 @@ void sgd_pass1_rows(const P* g, P* p, T* b, int64_t r0, int64_t r1, int64_t len,
     if constexpr (MODE == kSpecChannel) {  // pass 2's expression; without Nesterov the buffer takes the projection
       const T c = row_coef<T>(stats_double, acc, s.eps);
       spec_coef[r] = c;
-      auto apply = [&](auto write_buf) {  // the branch hoisted out of the loop, so that it vectorises
+      auto apply = [&](auto projected) {  // the branch hoisted out of the loop, so that it vectorises
 #pragma omp simd
         for (int64_t k = 0; k < len; ++k) {
           const T pj = up<T>(p[base + k]);
           const T dp = u[k] - pj * c;
-          if constexpr (decltype(write_buf)::value) b[base + k] = dp;
+          if constexpr (kBufferLater) b[base + k] = decltype(projected)::value ? dp : u[k];
           p[base + k] = static_cast<P>(pj * decay - lr * dp);
         }
       };
-      if (!NEST && c != 0) apply(std::true_type{});
+      if (c != 0) apply(std::true_type{});
       else apply(std::false_type{});
     }
     sums.add(r, acc);
