@@ -273,11 +273,7 @@ class ProjectedOptimizer(Optimizer):
         self._records[record_key] = StepRecord(keys, decision.kind, decision.weight_norm, lr)
         self._step_kinds: Tensor | list[int] = decision.kind
 
-        coefs: dict[torch.dtype, Tensor] = {}
-        for item in items:
-            dt = state_dtype(item.param)
-            if dt not in coefs:
-                coefs[dt] = decision.coef.to(dt)
+        coefs = {dt: decision.coef.to(dt) for dt in {state_dtype(item.param) for item in items}}
         if on_kernels:
             _fused.second(self, on_kernels, coefs, decay)
         for item in others:
@@ -385,7 +381,7 @@ class ProjectedOptimizer(Optimizer):
         return self.once_per_step("kernels", kernels.available)
 
     def _chunk_elems(self, p: Tensor, group: dict[str, Any]) -> int:
-        """Segment size: whole pieces for the plain path and the fused CPU kernels (one call per piece),
+        """Segment size: whole pieces for the plain path and the fused CPU kernels (a run per piece),
         cache-sized chunks for the eager fast path."""
         if group.get("foreach") is False or (p.is_cpu and self.kernels_available()):
             return _WHOLE

@@ -1,6 +1,6 @@
 """Glue between the phased step and the Triton kernels of ``hf_adamp.kernels.triton_step`` (CUDA).
 
-Same structure as the C++ path (``_fused``): each local tensor's segments merged into runs, one pass-1 launch
+Runs as on the C++ path (``_fused``): each local tensor's segments merged into runs; one pass-1 launch
 per run (element-wise runs finish there), one pass-2 launch per projectable run after the decision. Nothing
 here reads a device value on the host: the decision's coefficients and decay factors reach pass 2 as device
 pointers, so a step is free of host syncs. No speculation (``HF_ADAMP_SPECULATE``) on this path: choosing it
