@@ -11,10 +11,14 @@ One step runs in five phases (DESIGN section 2):
 
 Subclasses give the optimizer-specific halves of phases 1 and 4, in two forms: a plain one that works on
 whole tensors and documents the maths, and a fast one that works in cache-sized chunks.
+
+What a step learns about its tensors beyond their values (segments, slots, the kernels' tables) is kept in a
+``StepContext`` and reused while the tensors stay the same, so a step of many small tensors costs little host time.
 """
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +88,77 @@ class StepRecord:
     lr: Tensor  # (slots,) the learning rate of the parameter's group
 
 
+@dataclass
+class StepContext:
+    """What a step found out about its tensors: kept and reused while they stay the same (``reuses``).
+
+    A context is reusable when the step saw only the user's dense tensors (no DTensor shard, no gradient that had
+    to be copied into the parameter's layout). Reusing it costs a few attribute reads per tensor: the
+    groups and their tensors, each gradient's dtype and strides, the state tensors, the switches of the paths.
+    """
+
+    layout: Layout | None
+    items: list[Item]
+    specs: list[ParamSpec]
+    record_keys: list[Any]  # per slot: the parameter or its name; None for slots without rows
+    total_rows: int
+    stats_dtype: torch.dtype
+    device: torch.device
+    kernel_batches: list[Any]  # _fused.KernelBatch: the items the fused CPU kernels step, per state dtype
+    others: list[Item]  # the items of the eager, plain and Triton paths
+    state_dtypes: set[torch.dtype]
+    # per slot: index into groups_of_slots (the last entry stands in for slots with no local piece)
+    slot_group: Tensor
+    groups_of_slots: list[dict[str, Any]]
+    slot_counts: Tensor  # int64 rows per slot
+    slot_row_len: Tensor  # float64
+    slot_numel: Tensor  # float64
+    reusable: bool
+    # what reuse checks
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    group_params: list[list[Tensor]] = field(default_factory=list)
+    foreach: list[Any] = field(default_factory=list)
+    # per tensor of the groups: the tensor, its item (None: no gradient), its strides and dtype
+    checks: list[tuple[Tensor, Item | None, tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    switches: tuple[Any, ...] = ()
+
+    def reuses(self, opt: ProjectedOptimizer, layout: Layout | None, switches: tuple[Any, ...]) -> bool:
+        """Whether this context still describes the step's tensors; if so, hands each item its new gradient."""
+        if layout is not self.layout or switches != self.switches:
+            return False
+        groups = opt.param_groups
+        if len(groups) != len(self.groups):
+            return False
+        for group, known, params, foreach in zip(groups, self.groups, self.group_params, self.foreach):
+            ps = group["params"]
+            if group is not known or group.get("foreach") != foreach or len(ps) != len(params):
+                return False
+            if not all(map(operator.is_, ps, params)):
+                return False
+        strided, state = torch.strided, opt.state
+        for p, item, stride, dtype in self.checks:
+            grad = p.grad
+            if item is None:
+                if grad is not None:
+                    return False
+                continue
+            if grad is None or grad.dtype != dtype or grad.layout != strided or grad.stride() != stride:
+                return False
+            if p.dtype != dtype or p.stride() != stride or state.get(p) is not item.state:
+                return False
+            item.grad = grad
+        return all(batch.holds_state_of(opt._STATE_KEYS) for batch in self.kernel_batches)
+
+    def release(self) -> None:
+        """End of a step: drop what must not outlive it (gradients, the plain path's whole-tensor buffers)."""
+        for item in self.items:
+            item.grad = None  # type: ignore[assignment]
+        for item in self.others:
+            item.extra.clear()
+        for batch in self.kernel_batches:
+            batch.release()
+
+
 class ProjectedOptimizer(Optimizer):
     """Base of AdamP and SGDP: lazy state, the phased step, and the hooks sharding engines use."""
 
@@ -99,6 +174,7 @@ class ProjectedOptimizer(Optimizer):
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._stats: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         self._step_cache: dict[str, Any] = {}
+        self._contexts: dict[int | None, StepContext] = {}  # per layout (id; None: unsharded), see StepContext
         self._segments: dict[int, tuple[Any, ParamSpec, list[Segment]]] = {}  # see _unsharded_segments
         # last record per layout (None: unsharded), so engines that step group by group report them all
         self._records: dict[int | None, StepRecord] = {}
@@ -126,6 +202,7 @@ class ProjectedOptimizer(Optimizer):
             self._layouts = [layout] if isinstance(layout, Layout) else list(layout)
         self._reducer = reducer
         self._scratch.clear()
+        self._contexts.clear()
 
     @property
     def _layout(self) -> Layout | None:
@@ -147,6 +224,8 @@ class ProjectedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._record_given()
+        if "_contexts" in self.__dict__:
+            self._contexts.clear()
 
     def _record_given(self) -> None:
         given = self.__dict__.setdefault("_given", {})
@@ -193,9 +272,14 @@ class ProjectedOptimizer(Optimizer):
     _STATE_KEYS: tuple[str, ...] | None = None  # state tensors the fused kernels update (None: no kernels)
     _KERNELS = ""  # prefix of the kernels' entry points (hf_adamp.kernels): "adam", "sgd"
 
-    def _kernel_scalars(self, item: Item, decay: float) -> list[float]:
-        """One row of the kernels' scalar table for a run of ``item`` that applies ``decay`` in pass 1."""
+    def _kernel_scalars(self, group: dict[str, Any], step: int, decay: float) -> list[float]:
+        """One row of the kernels' scalar table for a run of a tensor of ``group`` at its ``step`` (what
+        ``_advance_step`` returned), applying ``decay`` in pass 1."""
         raise NotImplementedError
+
+    def _advance_step(self, state: dict[str, Any]) -> int:
+        """Count this step in a tensor's state; returns the count its scalars depend on (0: none do)."""
+        return 0
 
     def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -230,55 +314,116 @@ class ProjectedOptimizer(Optimizer):
 
         self._step_cache: dict[str, Any] = {}  # see once_per_step
         layout = self._active_layout()
-        if layout is None and self._engine_replaced_tensors():
-            from ..sharding.auto import auto_attach  # deferred: sharding imports this module
-
-            if auto_attach(self):
-                layout = self._active_layout()
-        items, specs, slot_groups, keys = self._collect(layout)
+        ctx = self._context(layout)
+        items = ctx.items
         # A sharded rank joins the collective even when none of its tensors has a gradient (an empty
         # shard), else the other ranks would wait for it forever.
-        sharded = layout is not None and self._reducer is not None
+        sharded = ctx.layout is not None and self._reducer is not None
         if not items and not sharded:
             return loss
+        try:
+            self._step_phases(ctx, sharded)
+        finally:
+            ctx.release()
+        return loss
 
-        # dtype and device from all tensors, not only those with gradients, so every rank agrees
-        tensors = [p for group in self.param_groups for p in group["params"]]
-        total_rows = layout.total_rows if layout is not None else sum(s.rows for s in specs)
-        stats_dtype = torch.float64 if any(state_dtype(p) == torch.float64 for p in tensors) else torch.float32
-        device = tensors[0].device if tensors else torch.device("cpu")
-        stats = self._stats_buffer(total_rows, stats_dtype, device)
-
-        from . import _fused  # deferred, like the triton glue below: both import this module
-
-        for item in items:
+    def _step_phases(self, ctx: StepContext, sharded: bool) -> None:
+        stats = self._stats_buffer(ctx.total_rows, ctx.stats_dtype, ctx.device)
+        for batch in ctx.kernel_batches:
+            batch.first(self, stats)
+        for item in ctx.others:
             self._prepare(item)
-        on_kernels, others = self._split_kernel_items(items)
-        if on_kernels:
-            _fused.first(self, on_kernels, stats)
-        for item in others:
             (self._first_fast if self._fast(item) else self._first_plain)(item, stats)
 
         if sharded:
             self._reducer(stats)
 
-        record_key = id(layout) if layout is not None else None
-        if total_rows == 0 or not items:
+        record_key = id(ctx.layout) if ctx.layout is not None else None
+        if ctx.total_rows == 0 or not ctx.items:
             self._records.pop(record_key, None)
-            return loss
-        # the fused CPU kernels' steps come with their decision in C++ too; other paths keep projection.decide
-        decision, decay, lr = self._decide(stats, specs, slot_groups, fused=bool(on_kernels))
-        # 1-D parameters listed in a layout have a slot but no rows: never projected, not reported
-        keys = [k if spec.rows else None for k, spec in zip(keys, specs, strict=True)]
-        self._records[record_key] = StepRecord(keys, decision.kind, decision.weight_norm, lr)
+            return
+        decision, decay, lr = self._decide(stats, ctx)
+        self._records[record_key] = StepRecord(ctx.record_keys, decision.kind, decision.weight_norm, lr)
         self._step_kinds: Tensor | list[int] = decision.kind
 
-        coefs = {dt: decision.coef.to(dt) for dt in {state_dtype(item.param) for item in items}}
-        if on_kernels:
-            _fused.second(self, on_kernels, coefs, decay)
-        for item in others:
+        coefs = {dt: decision.coef.to(dt) for dt in ctx.state_dtypes}
+        for batch in ctx.kernel_batches:
+            batch.second(self, coefs[batch.dtype], decay)
+        for item in ctx.others:
             (self._second_fast if self._fast(item) else self._second_plain)(item, coefs[state_dtype(item.param)], decay)
-        return loss
+
+    def _switches(self) -> tuple[Any, ...]:
+        """The environment switches that choose each tensor's path (a context is only reused under the same)."""
+        from . import _triton  # deferred: it imports this module
+
+        return (self.kernels_available(), self.once_per_step("triton_on_cpu", _triton.forced_on_cpu))
+
+    def _context(self, layout: Layout | None) -> StepContext:
+        """The step's context: the last one while it still describes the tensors, else a new one."""
+        key = id(layout) if layout is not None else None
+        switches = self._switches()
+        ctx = self._contexts.get(key)
+        if ctx is not None and ctx.reuses(self, layout, switches):
+            return ctx
+        self._contexts.pop(key, None)
+        if layout is None and self._engine_replaced_tensors():
+            from ..sharding.auto import auto_attach  # deferred: sharding imports this module
+
+            if auto_attach(self):
+                layout = self._active_layout()
+                key = id(layout) if layout is not None else None
+        ctx = self._new_context(layout, switches)
+        if ctx.reusable:
+            self._contexts[key] = ctx
+        return ctx
+
+    def _new_context(self, layout: Layout | None, switches: tuple[Any, ...]) -> StepContext:
+        from . import _fused  # deferred, like the triton glue: both import this module
+
+        items, specs, slot_groups, keys, reusable = self._collect(layout)
+        # dtype and device from all tensors, not only those with gradients, so every rank agrees
+        tensors = [p for group in self.param_groups for p in group["params"]]
+        stats_dtype = torch.float64 if any(state_dtype(p) == torch.float64 for p in tensors) else torch.float32
+        device = tensors[0].device if tensors else torch.device("cpu")
+        on_kernels, others = self._split_kernel_items(items)
+        # a slot with no local piece is not applied here; give it this step's group so ranks report alike
+        fallback = next((g for g in slot_groups if g is not None), self.defaults)
+        groups_of_slots: list[dict[str, Any]] = []
+        index_of: dict[int, int] = {}
+        slot_group = []
+        for group in slot_groups:
+            group = group if group is not None else fallback
+            if id(group) not in index_of:
+                index_of[id(group)] = len(groups_of_slots)
+                groups_of_slots.append(group)
+            slot_group.append(index_of[id(group)])
+        item_of = {id(item.param): item for item in items}
+        ctx = StepContext(
+            layout=layout,
+            items=items,
+            specs=specs,
+            # 1-D parameters listed in a layout have a slot but no rows: never projected, not reported
+            record_keys=[k if spec.rows else None for k, spec in zip(keys, specs, strict=True)],
+            total_rows=layout.total_rows if layout is not None else sum(s.rows for s in specs),
+            stats_dtype=stats_dtype,
+            device=device,
+            kernel_batches=_fused.batches(self, on_kernels),
+            others=others,
+            state_dtypes={state_dtype(item.param) for item in items},
+            slot_group=torch.tensor(slot_group, dtype=torch.int64),
+            groups_of_slots=groups_of_slots,
+            slot_counts=torch.tensor([s.rows for s in specs], dtype=torch.int64),
+            slot_row_len=torch.tensor([float(max(s.row_len, 1)) for s in specs], dtype=torch.float64),
+            slot_numel=torch.tensor([float(max(s.numel, 1)) for s in specs], dtype=torch.float64),
+            reusable=reusable,
+        )
+        if reusable:
+            ctx.groups = list(self.param_groups)
+            ctx.group_params = [list(g["params"]) for g in self.param_groups]
+            ctx.foreach = [g.get("foreach") for g in self.param_groups]
+            ctx.checks = [(p, item_of.get(id(p)), p.stride(), p.dtype) for p in tensors]
+            ctx.switches = switches
+        return ctx
 
     def _split_kernel_items(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
         """The items the fused CPU kernels step (all in one call per pass), and the others."""
@@ -287,7 +432,7 @@ class ProjectedOptimizer(Optimizer):
         from . import _fused, _triton
 
         keys = self._STATE_KEYS
-        triton_on_cpu = self.once_per_step("triton_on_cpu", _triton.forced_on_cpu)  # tests: Triton's interpreter
+        triton_on_cpu = self._switches()[1]  # tests: Triton's interpreter
         on, off = [], []
         for item in items:
             takes = (
@@ -310,9 +455,11 @@ class ProjectedOptimizer(Optimizer):
 
     def _collect(
         self, layout: Layout | None
-    ) -> tuple[list[Item], list[ParamSpec], list[dict[str, Any] | None], list[Any]]:
-        """Tensors with gradients, their segments, and the table of parameter slots."""
+    ) -> tuple[list[Item], list[ParamSpec], list[dict[str, Any] | None], list[Any], bool]:
+        """Tensors with gradients, their segments, the table of parameter slots, and whether all this can be reused
+        at the next step (only the user's dense tensors were seen: no DTensor shard, no gradient copied)."""
         items: list[Item] = []
+        reusable = True
         specs: list[ParamSpec] = [] if layout is None else layout.params
         slot_groups: list[dict[str, Any] | None] = [None] * len(specs)
         keys: list[Any] = [] if layout is None else [s.name for s in specs]
@@ -349,10 +496,12 @@ class ProjectedOptimizer(Optimizer):
                 grad = p.grad
                 if is_dtensor(p):  # FSDP2: the step works on this rank's shard (its layout says which rows)
                     p, grad, state = p.to_local(), grad.to_local(), LocalState(state)
+                    reusable = False
                 if grad.stride() != p.stride():
                     grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
+                    reusable = False
                 items.append(Item(p, grad, state, group, segments, specs=specs))
-        return items, specs, slot_groups, keys
+        return items, specs, slot_groups, keys, reusable
 
     def _unsharded_segments(
         self, p: Tensor, slot: int, offset: int, chunk: int
@@ -396,36 +545,23 @@ class ProjectedOptimizer(Optimizer):
         if not p.is_floating_point():
             raise TypeError(f"{name} needs floating-point parameters (got {p.dtype})")
 
-    def _decide(
-        self, stats: Tensor, specs: list[ParamSpec], slot_groups: list[dict[str, Any] | None], fused: bool = False
-    ) -> tuple[projection.Decision, Tensor, Tensor]:
+    def _decide(self, stats: Tensor, ctx: StepContext) -> tuple[projection.Decision, Tensor, Tensor]:
         """Per-slot hyperparameters as tensors, then the batched decision, decay multipliers and lr."""
         dtype, device = stats.dtype, stats.device
-        row_len, numel, delta, eps, plain, projected, lr = [], [], [], [], [], [], []
-        # a slot with no local piece is not applied here; give it this step's group so ranks report alike
-        fallback = next((g for g in slot_groups if g is not None), self.defaults)
-        for spec, group in zip(specs, slot_groups):
-            group = group if group is not None else fallback
-            row_len.append(float(max(spec.row_len, 1)))
-            numel.append(float(max(spec.numel, 1)))
-            delta.append(group["delta"])
-            eps.append(group["eps"])
-            lr.append(group["lr"])
-            d_plain, d_proj = self._decay_factors(group)
-            plain.append(d_plain)
-            projected.append(d_proj)
-        if fused and device.type == "cpu" and self.kernels_available():  # the same maths in one C++ loop
-            f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
-            counts = torch.tensor([s.rows for s in specs], dtype=torch.int64)
-            decision = projection.Decision(
-                *kernels.module().decide(stats, counts, f64(row_len), f64(numel), f64(delta), f64(eps))
-            )
-            as_t = lambda xs: torch.tensor(xs, dtype=dtype)  # noqa: E731
+        # per group, then gathered per slot: delta, eps, lr, decay factors (not projected, projected)
+        values = [(g["delta"], g["eps"], g["lr"], *self._decay_factors(g)) for g in ctx.groups_of_slots]
+        delta, eps, lr, plain, projected = torch.tensor(values, dtype=torch.float64)[ctx.slot_group].T.contiguous()
+        if ctx.kernel_batches and device.type == "cpu":  # the same maths in one C++ loop
+            found = kernels.module().decide(stats, ctx.slot_counts, ctx.slot_row_len, ctx.slot_numel, delta, eps)
+            decision = projection.Decision(*found)
+            as_t = lambda t: t.to(dtype)  # noqa: E731
         else:
-            as_t = lambda xs: torch.tensor(xs, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
-            counts = torch.tensor([s.rows for s in specs]).to(device, non_blocking=True)
+            as_t = lambda t: t.to(dtype).to(device, non_blocking=True)  # noqa: E731
+            counts = ctx.slot_counts.to(device, non_blocking=True)
             owner = torch.repeat_interleave(counts, output_size=stats.shape[1])  # row -> slot
-            decision = projection.decide(stats, owner, as_t(row_len), as_t(numel), as_t(delta), as_t(eps))
+            decision = projection.decide(
+                stats, owner, as_t(ctx.slot_row_len), as_t(ctx.slot_numel), as_t(delta), as_t(eps)
+            )
         decay = torch.where(decision.projected, as_t(projected), as_t(plain))
         return decision, decay, as_t(lr)
 

@@ -18,13 +18,15 @@ as do layer-projected parameters (their coefficient needs the whole tensor's sum
 The guess is the previous step's outcome, kept per run in the optimizer state under ``last_projection``
 (a list of ints), so that a run resumed from a checkpoint guesses, and rounds, exactly like an uninterrupted one.
 ``HF_ADAMP_SPECULATE=0`` turns speculation off (two passes for every projectable run).
+
+The tables (``KernelBatch``) are built once and kept across steps while the step's tensors stay the same (see
+``_base.StepContext``): a step only refills the gradients, the modes and the scalars.
 """
 
 from __future__ import annotations
 
 import os
 from array import array
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,25 +37,17 @@ from ..sharding.layout import Segment
 from ._base import Item, flat, state_dtype
 
 FIRST, FULL, SPEC, SPEC_CHANNEL = 0, 1, 2, 3
-# pass-2 mode for each pass-1 mode: apply the decision, or repair a guess
+# pass-2 mode for each pass-1 mode: apply the decision, or repair a guess (FULL runs have no pass 2)
 APPLY, REPAIR, REPAIR_CHANNEL = 0, 1, 2
 PASS2 = {FIRST: APPLY, SPEC: REPAIR, SPEC_CHANNEL: REPAIR_CHANNEL}
+_PASS2_OF = torch.tensor([APPLY, -1, REPAIR, REPAIR_CHANNEL])  # indexed by pass-1 mode
 MEMORY_KEY = "last_projection"
 RUN_COLS = 7  # a run in the kernels' table: tensor index, start, rows, row length, mode, first stats row, slot
+_MODE = 4  # the mode's column
 SPECULATE_ENV = "HF_ADAMP_SPECULATE"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Repairs divide by the speculated decay; below this they would lose precision (huge weight decay only).
 _MIN_SPEC_DECAY = 0.5
-
-
-@dataclass
-class Plan:
-    """What pass 1 did to one local tensor, for pass 2."""
-
-    runs: list[Segment]
-    modes: list[int]
-    tensors: list[Tensor]  # grad, param, then the state tensors (the kernels address their storage)
-    decays: tuple[float, float]  # the weight-decay factors (not projected, projected) pass 1 used
 
 
 def usable(opt: Any, item: Item, state_keys: tuple[str, ...]) -> bool:
@@ -95,122 +89,135 @@ def merge_runs(segments: list[Segment]) -> list[Segment]:
     return out
 
 
-def plan(opt: Any, item: Item, state_keys: tuple[str, ...], decays: tuple[float, float], stats: Tensor) -> Plan:
-    """Runs and their pass-1 modes, from what the previous step decided for each run."""
-    key = id(item.param)
-    segs = item.segments
-    cached = _runs_cache(opt).get(key)
-    if cached is not None and (cached[0] is segs or cached[0] == segs):  # the same list, or equal small tuples
-        runs = cached[1]
-    else:
-        flat(item.param)  # raises, with advice, where the rows are not contiguous in memory
-        runs = merge_runs(segs)
-        _runs_cache(opt)[key] = (segs, runs)
-    tensors = [item.grad, item.param] + [item.state[k] for k in state_keys]
-    if all(run.slot < 0 for run in runs):  # never projected: nothing to guess
-        return Plan(runs, [FULL] * len(runs), tensors, decays)
-    memory = item.state.get(MEMORY_KEY)
-    if not isinstance(memory, list) or len(memory) != len(runs):
-        memory = None
-    speculate = (
-        memory is not None
-        and opt.once_per_step("speculate", speculation_enabled)
-        and state_dtype(item.param) == item.param.dtype
-        and min(decays) >= _MIN_SPEC_DECAY
-    )
-    modes = []
-    for i, run in enumerate(runs):
-        if run.slot < 0:
-            modes.append(FULL)
-        elif not speculate or memory[i] == projection.LAYER:
-            modes.append(FIRST)
-        elif memory[i] == projection.CHANNEL:
-            # whole rows only: a row cut by a shard boundary needs the other ranks' sums for its coefficient
-            whole = run.row_len == item.specs[run.slot].row_len
-            modes.append(SPEC_CHANNEL if whole else FIRST)
-        else:
-            modes.append(SPEC)
-    return Plan(runs, modes, tensors, decays)
-
-
-def first(opt: Any, items: list[Item], stats: Tensor) -> None:
-    """Pass 1 of every item (all on the kernels): one kernel call per state dtype."""
-    keys = opt._STATE_KEYS
-    launch = getattr(kernels.module(), opt._KERNELS + "_first")
-    for dtype, batch in _by_state_dtype(items):
-        tensors: list[Tensor] = []
-        runs, scalars = array("q"), array("d")
-        for item in batch:
-            p = plan(opt, item, keys, opt._decay_factors(item.group), stats)
-            index = len(tensors) // len(p.tensors)
-            tensors += p.tensors
-            for run, mode in zip(p.runs, p.modes):
-                runs.extend((index, run.start, run.rows, run.row_len, mode, max(run.stat_row, 0), run.slot))
-                scalars.extend(opt._kernel_scalars(item, pass1_decay(p, mode)))
-            if any(mode != FULL for mode in p.modes):
-                item.extra["fused"] = p
-        if runs:  # none only where every tensor is empty
-            count = len(runs) // RUN_COLS
-            launch(tensors, _table(runs, count), _table(scalars, count), stats, _spec_coef(opt, stats, dtype))
-
-
-def second(opt: Any, items: list[Item], coefs: dict[torch.dtype, Tensor], decay: Tensor) -> None:
-    """Pass 2 of the items pass 1 left unfinished, one kernel call per state dtype. Keeps each item's outcome
-    for the next step's guess."""
-    launch = getattr(kernels.module(), opt._KERNELS + "_second")
-    for dtype, batch in _by_state_dtype(items):
-        tensors: list[Tensor] = []
-        runs, scalars = array("q"), array("d")
-        for item in batch:
-            p = item.extra.pop("fused", None)
-            if p is None:
-                continue
-            index = len(tensors) // len(p.tensors)
-            added = False
-            for run, mode in zip(p.runs, p.modes):
-                if needs_pass2(opt, run, mode):
-                    runs.extend((index, run.start, run.rows, run.row_len, PASS2[mode], run.stat_row, run.slot))
-                    scalars.extend(opt._kernel_scalars(item, pass1_decay(p, mode)))
-                    added = True
-            if added:
-                tensors += p.tensors
-            remember(opt, item, p)
-        if runs:
-            coef = coefs[dtype]
-            count = len(runs) // RUN_COLS
-            launch(tensors, _table(runs, count), _table(scalars, count), coef, _spec_coef(opt, coef, dtype), decay)
-
-
-def _by_state_dtype(items: list[Item]) -> list[tuple[torch.dtype, list[Item]]]:
-    groups: dict[torch.dtype, list[Item]] = {}
+def batches(opt: Any, items: list[Item]) -> list[KernelBatch]:
+    """The kernels' batches of these items, one per state dtype (one kernel call per pass each)."""
+    by_dtype: dict[torch.dtype, list[Item]] = {}
     for item in items:
-        groups.setdefault(state_dtype(item.param), []).append(item)
-    return list(groups.items())
+        by_dtype.setdefault(state_dtype(item.param), []).append(item)
+    return [KernelBatch(opt, batch, dtype) for dtype, batch in by_dtype.items()]
 
 
-def _table(values: array, rows: int) -> Tensor:
-    """A (rows, -1) table of the kernels (runs: int64; scalars: float64) viewing the array's memory, no copy (the
-    array lives until the kernel call returns)."""
-    return torch.frombuffer(values, dtype=torch.int64 if values.typecode == "q" else torch.float64).view(rows, -1)
+class KernelBatch:
+    """The kernels' tables for the runs of the tensors of one state dtype.
 
+    Built from a step's items and kept while they stay the same: each step refills the gradients, the runs'
+    modes and their scalars (the hyperparameters may change between steps) in place. The tables are
+    ``torch.frombuffer`` views of ``array`` memory: cheap to write from Python, read by the kernels without a copy.
+    The arrays are never resized (the views would dangle).
+    """
 
-def pass1_decay(plan: Plan, mode: int) -> float:
-    """The weight-decay factor a pass-1 mode applies (a guess of the decision for speculating modes)."""
-    return plan.decays[1] if mode == SPEC_CHANNEL else plan.decays[0]
+    def __init__(self, opt: Any, items: list[Item], dtype: torch.dtype) -> None:
+        keys = opt._STATE_KEYS
+        self.dtype, self.items, self.per = dtype, items, 2 + len(keys)
+        self.tensors: list[Tensor | None] = []  # per item: grad (refilled every step), param, state tensors
+        self.spans: list[range] = []  # per item: its runs
+        self.slots: list[int] = []  # per run: its parameter slot (-1: never projected)
+        self.whole: list[bool] = []  # per run: holds whole rows, so a channel guess can finish it in pass 1
+        self.exact: list[bool] = []  # per item: the weight is in the state dtype, so a repair is exact enough
+        runs = array("q")
+        for index, item in enumerate(items):
+            flat(item.param)  # raises, with advice, where the rows are not contiguous in memory
+            self.tensors += [None, item.param] + [item.state[k] for k in keys]
+            first = len(self.slots)
+            for run in merge_runs(item.segments):
+                mode = FULL if run.slot < 0 else FIRST
+                runs.extend((index, run.start, run.rows, run.row_len, mode, max(run.stat_row, 0), run.slot))
+                self.slots.append(run.slot)
+                self.whole.append(run.slot >= 0 and run.row_len == item.specs[run.slot].row_len)
+            self.spans.append(range(first, len(self.slots)))
+            self.exact.append(item.param.dtype == dtype)
+        self.count = len(self.slots)
+        self.projectable = [any(self.slots[j] >= 0 for j in span) for span in self.spans]
+        self.pass2_runs = [j for j, slot in enumerate(self.slots) if slot >= 0]
+        self._runs = runs
+        self.runs = torch.frombuffer(runs, dtype=torch.int64).view(self.count, RUN_COLS) if self.count else None
+        self._scalars: array | None = None  # allocated at the first fill, once the row width is known
+        self.scalars: Tensor | None = None
 
+    def first(self, opt: Any, stats: Tensor) -> None:
+        """Pass 1 of every run: count the step, choose each run's mode, fill the scalars, launch."""
+        runs, slots, whole = self._runs, self.slots, self.whole
+        speculate_env = opt.once_per_step("speculate", speculation_enabled)
+        per_group: dict[int, tuple[tuple[float, float], bool]] = {}
+        rows: dict[tuple[int, int, bool], array] = {}
+        for index, item in enumerate(self.items):
+            self.tensors[index * self.per] = item.grad
+            group = item.group
+            step = opt._advance_step(item.state)
+            known = per_group.get(id(group))
+            if known is None:
+                decays = opt._decay_factors(group)
+                known = per_group[id(group)] = (decays, speculate_env and min(decays) >= _MIN_SPEC_DECAY)
+            decays, may_speculate = known
+            span = self.spans[index]
+            memory = item.state.get(MEMORY_KEY) if self.projectable[index] else None
+            speculate = (
+                may_speculate and self.exact[index] and isinstance(memory, list) and len(memory) == len(span)
+            )
+            for k, j in enumerate(span):
+                if slots[j] < 0:
+                    mode = FULL
+                elif not speculate or memory[k] == projection.LAYER:
+                    mode = FIRST
+                elif memory[k] == projection.CHANNEL:
+                    # whole rows only: a row cut by a shard boundary needs the other ranks' sums for its coefficient
+                    mode = SPEC_CHANNEL if whole[j] else FIRST
+                else:
+                    mode = SPEC
+                runs[j * RUN_COLS + _MODE] = mode
+                key = (id(group), step, mode == SPEC_CHANNEL)
+                row = rows.get(key)
+                if row is None:
+                    decay = decays[1] if mode == SPEC_CHANNEL else decays[0]
+                    row = rows[key] = array("d", opt._kernel_scalars(group, step, decay))
+                self._put_scalars(j, row)
+        if self.count:
+            launch = getattr(kernels.module(), opt._KERNELS + "_first")
+            launch(self.tensors, self.runs, self.scalars, stats, _spec_coef(opt, stats, self.dtype))
 
-def needs_pass2(opt: Any, run: Segment, mode: int) -> bool:
-    """FULL runs are done; so is a SPEC_CHANNEL run whose decision is channel (the kernels' decision computes
-    each row's coefficient exactly as the guess did)."""
-    if mode == FULL:
-        return False
-    return mode != SPEC_CHANNEL or opt._slot_kinds()[run.slot] != projection.CHANNEL
+    def second(self, opt: Any, coef: Tensor, decay: Tensor) -> None:
+        """Pass 2 of the runs pass 1 left unfinished; keeps each run's outcome for the next step's guess."""
+        kinds = opt._slot_kinds()
+        runs, slots = self._runs, self.slots
+        # a channel guess that the decision confirms is done: the kernels computed each row's coefficient exactly
+        # as the decision does
+        take = [
+            j
+            for j in self.pass2_runs
+            if runs[j * RUN_COLS + _MODE] != SPEC_CHANNEL or kinds[slots[j]] != projection.CHANNEL
+        ]
+        if take:
+            index = torch.tensor(take)
+            pass2 = self.runs.index_select(0, index)
+            pass2[:, _MODE] = _PASS2_OF[pass2[:, _MODE]]
+            scalars, spec_coef = self.scalars.index_select(0, index), _spec_coef(opt, coef, self.dtype)
+            getattr(kernels.module(), opt._KERNELS + "_second")(self.tensors, pass2, scalars, coef, spec_coef, decay)
+        none = projection.NONE
+        for index, item in enumerate(self.items):
+            if self.projectable[index]:
+                item.state[MEMORY_KEY] = [kinds[slots[j]] if slots[j] >= 0 else none for j in self.spans[index]]
 
+    def holds_state_of(self, keys: tuple[str, ...]) -> bool:
+        """The items' state tensors are still the ones in the tables (none was replaced in the state dicts)."""
+        tensors, per = self.tensors, self.per
+        for index, item in enumerate(self.items):
+            state = item.state
+            for k, key in enumerate(keys):
+                if state.get(key) is not tensors[index * per + 2 + k]:
+                    return False
+        return True
 
-def remember(opt: Any, item: Item, plan: Plan) -> None:
-    """Keep this step's outcome of every run in the state: the next step's guess."""
-    kinds = opt._slot_kinds()
-    item.state[MEMORY_KEY] = [kinds[run.slot] if run.slot >= 0 else projection.NONE for run in plan.runs]
+    def release(self) -> None:
+        """Drop the step's gradients (the tables outlive the step, the gradients must not)."""
+        for index in range(len(self.items)):
+            self.tensors[index * self.per] = None
+
+    def _put_scalars(self, run: int, row: array) -> None:
+        width = len(row)
+        if self._scalars is None:
+            self._scalars = array("d", bytes(8 * width * self.count))
+            self.scalars = torch.frombuffer(self._scalars, dtype=torch.float64).view(self.count, width)
+        self._scalars[run * width : (run + 1) * width] = row
 
 
 def _spec_coef(opt: Any, rows: Tensor, dtype: torch.dtype) -> Tensor:
@@ -221,11 +228,3 @@ def _spec_coef(opt: Any, rows: Tensor, dtype: torch.dtype) -> Tensor:
     if buf is None or buf.numel() < rows.shape[-1]:
         buf = cache[dtype] = torch.zeros(rows.shape[-1], dtype=dtype)
     return buf
-
-
-def _runs_cache(opt: Any) -> dict[int, tuple[list[Segment], list[Segment]]]:
-    # merged runs per tensor, reused while its segments are the same (they are rebuilt every step)
-    cache = opt.__dict__.get("_fused_runs")
-    if cache is None:
-        cache = opt.__dict__["_fused_runs"] = {}
-    return cache

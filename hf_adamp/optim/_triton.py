@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import kernels
 from ..sharding.layout import Segment
 from ._base import Item, flat
-from ._fused import _runs_cache, merge_runs
+from ._fused import merge_runs
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def usable(item: Item, state_keys: tuple[str, ...]) -> bool:
 
 def _plan(opt: Any, item: Item, state_keys: tuple[str, ...]) -> tuple[list[Segment], list[Tensor]]:
     segs = item.segments
-    cache = _runs_cache(opt)
+    # merged runs per tensor, reused while its segments are the same
+    cache = opt.__dict__.setdefault("_triton_runs", {})
     cached = cache.get(id(item.param))
     if cached is not None and cached[0] == segs:
         runs = cached[1]

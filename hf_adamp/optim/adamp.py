@@ -87,12 +87,16 @@ class AdamP(ProjectedOptimizer):
         state["exp_avg"] = torch.zeros_like(param, dtype=dt, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, dtype=dt, memory_format=torch.preserve_format)
 
-    def _prepare(self, item: Item) -> None:
-        group, state = item.group, item.state
+    def _advance_step(self, state: dict[str, Any]) -> int:
         state["step"] = int(state["step"]) + 1
+        return state["step"]
+
+    def _prepare(self, item: Item) -> None:
+        group = item.group
+        step = self._advance_step(item.state)
         beta1, beta2 = group["betas"]
-        bc1 = 1.0 - beta1 ** state["step"]
-        bc2 = 1.0 - beta2 ** state["step"]
+        bc1 = 1.0 - beta1**step
+        bc2 = 1.0 - beta2**step
         item.scalars = dict(
             beta1=beta1,
             beta2=beta2,
@@ -218,11 +222,13 @@ class AdamP(ProjectedOptimizer):
     _KERNELS = "adam"
     _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
-    def _kernel_scalars(self, item: Item, decay: float) -> list[float]:
-        s, group = item.scalars, item.group
-        eps_s, step = s["eps"] * s["sqrt_bc2"], s["step_size"] * s["sqrt_bc2"]
+    def _kernel_scalars(self, group: dict[str, Any], step: int, decay: float) -> list[float]:
+        # _prepare's maths: the kernels divide by sqrt(v) + eps * sqrt_bc2 and step by lr / bc1 * sqrt_bc2
+        beta1, beta2 = group["betas"]
+        sqrt_bc2 = math.sqrt(1.0 - beta2**step)
+        step_size = group["lr"] / (1.0 - beta1**step)
         nesterov, maximize = float(group["nesterov"]), float(group["maximize"])
-        return [s["beta1"], s["beta2"], eps_s, step, decay, s["eps"], nesterov, maximize]
+        return [beta1, beta2, group["eps"] * sqrt_bc2, step_size * sqrt_bc2, decay, group["eps"], nesterov, maximize]
 
     # ----- fused variant: torch's fused AdamW kernel applies the step -----
     # AdamP's step is AdamW's step on a weight pre-scaled row by row:

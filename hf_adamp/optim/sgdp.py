@@ -194,10 +194,9 @@ class SGDP(ProjectedOptimizer):
     _KERNELS = "sgd"
     _STATE_KEYS = ("momentum",)
 
-    def _kernel_scalars(self, item: Item, decay: float) -> list[float]:
-        s, group = item.scalars, item.group
+    def _kernel_scalars(self, group: dict[str, Any], step: int, decay: float) -> list[float]:
         nesterov, maximize = float(group["nesterov"]), float(group["maximize"])
-        return [s["momentum"], s["dampening"], s["lr"], decay, group["eps"], nesterov, maximize]
+        return [group["momentum"], group["dampening"], group["lr"], decay, group["eps"], nesterov, maximize]
 
     @staticmethod
     def _direction(out: Tensor, buf: Tensor, grad: Tensor | None, s: dict, nesterov: bool, seg: Any) -> Tensor:
