@@ -194,6 +194,15 @@ def main() -> None:
         cols += [f"{t / ref:10.2f}" if ref else f"{'-':>10s}" for ref in (ref_sgd_fused,)]
         peak = f"{max(mem[name]):9.0f}" if mem[name] else f"{'-':>9s}"
         print(f"{name:26s} {t * 1e3:10.1f} {first[name] * 1e3:9.1f} {' '.join(cols)} {peak}")
+    # Paired ratios: the median over rounds of the step's time over the reference's in the same round. Machine
+    # noise that lasts a few seconds slows both alike, so these move less than the ratios of the medians.
+    pairs = [(ref, label) for ref, label in (("torch.AdamW(fused)", "AdamW fused"), ("torch.SGD(fused)", "SGD fused"))]
+    pairs = [(ref, label) for ref, label in pairs if ref in times]
+    if pairs:
+        print("paired ratios (median over rounds of the same round's ratio): " + ", ".join(label for _, label in pairs))
+        for name in times:
+            ratios = [statistics.median(a / b for a, b in zip(times[name], times[ref])) for ref, _ in pairs]
+            print(f"  {name:26s} " + " ".join(f"{r:6.3f}" for r in ratios))
     for name, opt in opts.items():
         if isinstance(opt, ProjectedOptimizer):
             kinds = list(opt.projection_decisions().values())

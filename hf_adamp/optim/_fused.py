@@ -15,8 +15,11 @@ A speculating run moves the bytes of torch's fused AdamW/SGD (28 bytes per fp32 
 guess gives exactly the bits of the two-pass step. Pass 2 repairs the rows of a wrong guess, recovering the old
 weight in double (an ulp or two of fp32/fp64); fp16/bf16 weights would lose far more, so they always take FIRST,
 as do layer-projected parameters (their coefficient needs the whole tensor's sums before any element is final).
-The guess is the previous step's outcome, kept per run in the optimizer state under ``last_projection``
-(a list of ints), so that a run resumed from a checkpoint guesses, and rounds, exactly like an uninterrupted one.
+The guess comes from the last two steps' outcomes, kept per run in the optimizer state under ``last_projection``
+(a list of ints, ``last + 3 * the one before``), so that a run resumed from a checkpoint guesses, and rounds,
+exactly like an uninterrupted one. A parameter takes FIRST only after two layer projections in a row: after one, it
+speculates "not projected", because a repair costs what FIRST's second pass costs (Adam: 44 against 40 bytes per
+fp32 parameter), while an outcome that changes from step to step saves the second pass whenever it turns to none.
 ``HF_ADAMP_SPECULATE=0`` turns speculation off (two passes for every projectable run).
 
 The tables (``KernelBatch``) are built once and kept across steps while the step's tensors stay the same (see
@@ -42,6 +45,7 @@ APPLY, REPAIR, REPAIR_CHANNEL = 0, 1, 2
 PASS2 = {FIRST: APPLY, SPEC: REPAIR, SPEC_CHANNEL: REPAIR_CHANNEL}
 _PASS2_OF = torch.tensor([APPLY, -1, REPAIR, REPAIR_CHANNEL])  # indexed by pass-1 mode
 MEMORY_KEY = "last_projection"
+_LAYER_TWICE = projection.LAYER + 3 * projection.LAYER  # the memory of two layer projections in a row
 RUN_COLS = 7  # a run in the kernels' table: tensor index, start, rows, row length, mode, first stats row, slot
 _MODE = 4  # the mode's column
 SPECULATE_ENV = "HF_ADAMP_SPECULATE"
@@ -157,9 +161,9 @@ class KernelBatch:
             for k, j in enumerate(span):
                 if slots[j] < 0:
                     mode = FULL
-                elif not speculate or memory[k] == projection.LAYER:
+                elif not speculate or memory[k] == _LAYER_TWICE:
                     mode = FIRST
-                elif memory[k] == projection.CHANNEL:
+                elif memory[k] % 3 == projection.CHANNEL:
                     # whole rows only: a row cut by a shard boundary needs the other ranks' sums for its coefficient
                     mode = SPEC_CHANNEL if whole[j] else FIRST
                 else:
@@ -192,10 +196,16 @@ class KernelBatch:
             pass2[:, _MODE] = _PASS2_OF[pass2[:, _MODE]]
             scalars, spec_coef = self.scalars.index_select(0, index), _spec_coef(opt, coef, self.dtype)
             getattr(kernels.module(), opt._KERNELS + "_second")(self.tensors, pass2, scalars, coef, spec_coef, decay)
-        none = projection.NONE
         for index, item in enumerate(self.items):
             if self.projectable[index]:
-                item.state[MEMORY_KEY] = [kinds[slots[j]] if slots[j] >= 0 else none for j in self.spans[index]]
+                span = self.spans[index]
+                memory = item.state.get(MEMORY_KEY)
+                if not isinstance(memory, list) or len(memory) != len(span):
+                    memory = [projection.NONE] * len(span)
+                item.state[MEMORY_KEY] = [
+                    (kinds[slots[j]] if slots[j] >= 0 else projection.NONE) + 3 * (memory[k] % 3)
+                    for k, j in enumerate(span)
+                ]
 
     def holds_state_of(self, keys: tuple[str, ...]) -> bool:
         """The items' state tensors are still the ones in the tables (none was replaced in the state dicts)."""
