@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import adamp
 import torch
 from _sharding_models import LR, MICRO, STEPS, batch, make_model, param_groups
@@ -58,6 +60,8 @@ def train(
     offloaded = bool(getattr(zero_opt, "cpu_offload", False) or getattr(zero_opt, "offload_optimizer", False))
     layouts = hf_adamp.sharding.attach(engine, optimizer) if (attach and opt == "ours") else []
     decisions: dict[str, set[str]] = {}
+    contexts = []  # the optimizer's step contexts after the second step
+    reused = True  # and every later step ran on them (none rebuilt)
     for step in range(STEPS):
         x, y = batch(step, world)
         x, y = x[rank * MICRO : (rank + 1) * MICRO], y[rank * MICRO : (rank + 1) * MICRO]
@@ -67,6 +71,11 @@ def train(
         if opt == "ours":
             for name, kind in optimizer.projection_decisions().items():
                 decisions.setdefault(name, set()).add(kind)
+            now = list(optimizer._contexts.values())
+            if step == 1:
+                contexts = now
+            elif step > 1:
+                reused = reused and len(now) == len(contexts) and all(map(operator.is_, now, contexts))
     if not attach and opt == "ours":  # attached automatically on the first step
         layouts = optimizer._layouts
     return dict(
@@ -75,6 +84,8 @@ def train(
         n_layouts=len(layouts),
         offloaded=offloaded,
         total_rows=[lay.total_rows for lay in layouts],
+        contexts=len(contexts),
+        contexts_reused=reused,
     )
 
 

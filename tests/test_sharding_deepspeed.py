@@ -78,6 +78,9 @@ def test_zero_equals_single_process(runs, reference, key) -> None:
     assert runs[0][key]["offloaded"] == key.endswith("offload")
     n_layouts = runs[0][key]["n_layouts"]
     assert n_layouts == 2 if key.startswith("zero1") or key.startswith("zero2") else n_layouts >= 3
+    # one step context per layout (parameter group), built once and reused at every later step
+    assert runs[0][key]["contexts"] == n_layouts, runs[0][key]["contexts"]
+    assert runs[0][key]["contexts_reused"]
 
 
 @pytest.mark.parametrize("key", ["reference-zero2", "reference-zero3"])

@@ -74,7 +74,7 @@ class Item:
     group: dict[str, Any]
     segments: list[Segment]
     scalars: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # plain path: whole-tensor update; fused: its plan
+    extra: dict[str, Any] = field(default_factory=dict)  # within a step: the plain path's whole-tensor update
     specs: list[ParamSpec] = field(default_factory=list)  # the step's parameter slots (full shapes)
 
 
