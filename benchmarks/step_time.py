@@ -1,7 +1,7 @@
 """Time one optimizer step of hf_adamp against torch and the reference packages.
 
-All optimizers share the same parameters and gradients and are stepped in turn, round after round,
-in one process, so that machine noise hits them alike. Prints the median step time, its ratio to
+All optimizers share the same parameters and gradients and are stepped in turn, round after round (the order
+rotated each round), in one process, so that machine noise hits them alike. Prints the median step time, its ratio to
 torch's AdamW (for-loop and fused) and SGD, and the peak memory a step adds on top of what was
 resident before it (Linux: VmHWM after clearing it).
 
@@ -170,8 +170,12 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in opts}
     mem: dict[str, list[float]] = {name: [] for name in opts}
     first: dict[str, float] = {}
+    order = list(opts)
     for r in range(args.rounds + 2):
-        for name, opt in opts.items():
+        # the order rotates every round: a step that follows a memory-hungry one (the reference packages allocate
+        # hundreds of MB per step) pays for it in cache misses and the kernel's page work; rotating spreads that
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            opt = opts[name]
             gc.collect()
             dt, extra = timed_step(opt)
             if r == 0:
