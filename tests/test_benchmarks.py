@@ -1,7 +1,7 @@
-"""The ZeRO-Offload benchmark runs end to end at a small size (no timing is checked).
+"""The benchmarks run end to end at a small size (no timing is checked).
 
-Against torch's fused AdamW rather than DeepSpeedCPUAdam: that op's first build takes about 3 minutes here,
-which a smoke test on a fresh CI machine should not pay."""
+The ZeRO-Offload one against torch's fused AdamW rather than DeepSpeedCPUAdam: that op's first build takes about
+3 minutes here, which a smoke test on a fresh CI machine should not pay."""
 
 from __future__ import annotations
 
@@ -12,15 +12,39 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("deepspeed")
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zero_offload_step.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "zero_offload_step.py"
 
 
+def _env() -> dict[str, str]:
+    root = str(BENCHMARKS.parent)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+
+
+def test_step_time_prints_its_tables() -> None:
+    cmd = [sys.executable, str(BENCHMARKS / "step_time.py"), "--model", "small", "--rounds", "1"]
+    cmd += ["--only", "adamw(fused),sgd(fused),hf_adamp.adamp,hf_adamp.sgdp", "--skip", "plain"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "paired ratios" in done.stdout and "hf_adamp.SGDP(delta=0)" in done.stdout
+
+
+def test_kernel_modes_prints_its_table() -> None:
+    from hf_adamp import kernels
+
+    if not kernels.available():
+        pytest.skip("the fused kernels are unavailable here")
+    cmd = [sys.executable, str(BENCHMARKS / "kernel_modes.py"), "--shape", "64x96", "--rounds", "2"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "AdamP spec_channel" in done.stdout and "torch SGD(fused)" in done.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_zero_offload_benchmark_prints_its_table() -> None:
-    root = str(SCRIPT.parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    pytest.importorskip("deepspeed")
+    env = _env()
     cmd = [sys.executable, str(SCRIPT), "--model", "small", "--steps", "1", "--warmup", "1", "--sets", "adam"]
     cmd += ["--only", "hf_adamp.adamp,torch.adamw", "--timeout", "500"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
