@@ -77,11 +77,11 @@ def load_or_train_tokenizer(
                 f"Could not load the tokenizer of {model_name_or_path} ({type(err).__name__}: {str(err)[:200]}). "
                 "Pass --tokenizer_name with the tokenizer the model was trained with."
             ) from err
-    if has_tokenizer(run_dir):
-        logger.info("Reusing the tokenizer saved in %s", run_dir)
-        return AutoTokenizer.from_pretrained(run_dir)
+    # Every rank enters the block, and decides inside it: a rank that checked before it could find the tokenizer
+    # rank 0 had just saved, skip the block's barrier, and leave the ranks one barrier apart (a hang).
     with training_args.main_process_first(desc="train the tokenizer"):
-        if has_tokenizer(run_dir):  # another process trained it while this one waited
+        if has_tokenizer(run_dir):  # a resumed run, or rank 0 trained it while this rank waited
+            logger.info("Reusing the tokenizer saved in %s", run_dir)
             return AutoTokenizer.from_pretrained(run_dir)
         tokenizer = train_bpe(texts_for_training(), vocab_size, append_eos)
         if training_args.process_index == 0:
