@@ -99,7 +99,6 @@ class StepContext:
 
     layout: Layout | None
     items: list[Item]
-    specs: list[ParamSpec]
     record_keys: list[Any]  # per slot: the parameter or its name; None for slots without rows
     total_rows: int
     stats_dtype: torch.dtype
@@ -401,7 +400,6 @@ class ProjectedOptimizer(Optimizer):
         ctx = StepContext(
             layout=layout,
             items=items,
-            specs=specs,
             # 1-D parameters listed in a layout have a slot but no rows: never projected, not reported
             record_keys=[k if spec.rows else None for k, spec in zip(keys, specs, strict=True)],
             total_rows=layout.total_rows if layout is not None else sum(s.rows for s in specs),

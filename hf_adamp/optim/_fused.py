@@ -133,6 +133,7 @@ class KernelBatch:
         self.count = len(self.slots)
         self.projectable = [any(self.slots[j] >= 0 for j in span) for span in self.spans]
         self.pass2_runs = [j for j, slot in enumerate(self.slots) if slot >= 0]
+        self._memory: list[list[int] | None] = [None] * len(items)  # per item: the memory first() read
         self._runs = runs
         self.runs = torch.frombuffer(runs, dtype=torch.int64).view(self.count, RUN_COLS) if self.count else None
         self._scalars: array | None = None  # allocated at the first fill, once the row width is known
@@ -155,9 +156,10 @@ class KernelBatch:
             decays, may_speculate = known
             span = self.spans[index]
             memory = item.state.get(MEMORY_KEY) if self.projectable[index] else None
-            speculate = (
-                may_speculate and self.exact[index] and isinstance(memory, list) and len(memory) == len(span)
-            )
+            if not isinstance(memory, list) or len(memory) != len(span):
+                memory = None
+            self._memory[index] = memory  # for second(): the next memory keeps this one's last outcome
+            speculate = may_speculate and self.exact[index] and memory is not None
             for k, j in enumerate(span):
                 if slots[j] < 0:
                     mode = FULL
@@ -199,9 +201,7 @@ class KernelBatch:
         for index, item in enumerate(self.items):
             if self.projectable[index]:
                 span = self.spans[index]
-                memory = item.state.get(MEMORY_KEY)
-                if not isinstance(memory, list) or len(memory) != len(span):
-                    memory = [projection.NONE] * len(span)
+                memory = self._memory[index] or [projection.NONE] * len(span)
                 item.state[MEMORY_KEY] = [
                     (kinds[slots[j]] if slots[j] >= 0 else projection.NONE) + 3 * (memory[k] % 3)
                     for k, j in enumerate(span)
