@@ -2,7 +2,8 @@
 
 One (rows, cols) fp32 matrix; the kernels are called directly (one run, the mode forced), so this isolates
 the cost of each mode from the rest of a step: ``spec`` (one pass, guessed unprojected), ``spec_channel``
-(one pass, each row projected while in cache), ``first`` (pass 1 of two: moments and row sums only). Interleaved
+(one pass, each row projected while in cache), ``first`` (pass 1 of two: moments and row sums only), and pass 2:
+``apply`` (after ``first``) and ``repair`` (every row of a wrong "not projected" guess, layer-projected). Interleaved
 rounds in one process; medians.
 
     python benchmarks/kernel_modes.py --shape 768x3072
@@ -38,15 +39,22 @@ def main() -> None:
     p.grad = torch.randn(rows, cols) * 1e-3
     buf, m, v = (torch.zeros(rows, cols) for _ in range(3))
     stats, spec_coef = torch.zeros(4, rows), torch.zeros(rows)
+    # pass 2 after a wrong guess of "not projected": every row layer-projected, with the projected decay
+    coef, decay = torch.full((rows,), 1e-3), torch.tensor([DECAY + 1e-4], dtype=torch.float64)
 
-    def kernel(kind: str, mode: int):
+    def kernel(kind: str, mode: int, second: bool = False):
         runs = torch.tensor([[0, 0, rows, cols, mode, 0, 0]], dtype=torch.int64)
         if kind == "sgd":  # momentum, dampening, lr, decay, eps, nesterov, maximize
             scalars = torch.tensor([[0.9, 0.0, LR, DECAY, 1e-8, 0.0, 0.0]], dtype=torch.float64)
-            return lambda: module.sgd_first([p.grad, p, buf], runs, scalars, stats, spec_coef)
-        # beta1, beta2, eps * sqrt(bc2), lr / bc1 * sqrt(bc2), decay, eps, nesterov, maximize
-        scalars = torch.tensor([[0.9, 0.999, 1e-8, LR, DECAY, 1e-8, 0.0, 0.0]], dtype=torch.float64)
-        return lambda: module.adam_first([p.grad, p, m, v], runs, scalars, stats, spec_coef)
+            tensors = [p.grad, p, buf]
+        else:  # beta1, beta2, eps * sqrt(bc2), lr / bc1 * sqrt(bc2), decay, eps, nesterov, maximize
+            scalars = torch.tensor([[0.9, 0.999, 1e-8, LR, DECAY, 1e-8, 0.0, 0.0]], dtype=torch.float64)
+            tensors = [p.grad, p, m, v]
+        if second:
+            launch = getattr(module, kind + "_second")
+            return lambda: launch(tensors, runs, scalars, coef, spec_coef, decay)
+        launch = getattr(module, kind + "_first")
+        return lambda: launch(tensors, runs, scalars, stats, spec_coef)
 
     sgd = torch.optim.SGD([p], lr=LR, momentum=0.9, weight_decay=1e-3, fused=True)
     adamw = torch.optim.AdamW([p], lr=LR, weight_decay=1e-3, fused=True)
@@ -54,10 +62,14 @@ def main() -> None:
         "SGDP spec": kernel("sgd", _fused.SPEC),
         "SGDP spec_channel": kernel("sgd", _fused.SPEC_CHANNEL),
         "SGDP first": kernel("sgd", _fused.FIRST),
+        "SGDP apply": kernel("sgd", _fused.APPLY, second=True),
+        "SGDP repair": kernel("sgd", _fused.REPAIR, second=True),
         "torch SGD(fused)": sgd.step,
         "AdamP spec": kernel("adam", _fused.SPEC),
         "AdamP spec_channel": kernel("adam", _fused.SPEC_CHANNEL),
         "AdamP first": kernel("adam", _fused.FIRST),
+        "AdamP apply": kernel("adam", _fused.APPLY, second=True),
+        "AdamP repair": kernel("adam", _fused.REPAIR, second=True),
         "torch AdamW(fused)": adamw.step,
     }
     times: dict[str, list[float]] = {name: [] for name in cases}

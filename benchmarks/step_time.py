@@ -1,9 +1,10 @@
 """Time one optimizer step of hf_adamp against torch and the reference packages.
 
-All optimizers share the same parameters and gradients and are stepped in turn, round after round (the order
-rotated each round), in one process, so that machine noise hits them alike. Prints the median step time, its ratio to
-torch's AdamW (for-loop and fused) and SGD, and the peak memory a step adds on top of what was
-resident before it (Linux: VmHWM after clearing it).
+All optimizers share the same parameters and gradients and are stepped in turn, round after round (in a new random
+order each round, with the caches flushed before each step), in one process, so that machine noise hits them alike.
+Prints the median step time, its ratio to torch's AdamW (for-loop and fused) and SGD, and the peak memory a step adds
+on top of what was resident before it (Linux: VmHWM after clearing it). ``--twins`` adds a second fused AdamW and SGD,
+whose ratios to the first show how far two identical optimizers differ here.
 
     python benchmarks/step_time.py --model gpt2-small --rounds 15
     python benchmarks/step_time.py --model small --only adamp,adamw
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -133,6 +135,10 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings; keep optimizers whose name has one")
     ap.add_argument("--skip", default="", help="comma-separated substrings; drop optimizers whose name has one")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--flush-mb", type=int, default=64, help="MB written before each step to flush the caches (0: off)")
+    ap.add_argument(
+        "--twins", action="store_true", help="add a second fused AdamW and SGD: their ratio to the first is the noise"
+    )
     grads = ("random", "orthogonal", "real")
     ap.add_argument("--grads", choices=grads, default="random", help="see the module docstring")
     args = ap.parse_args()
@@ -160,6 +166,9 @@ def main() -> None:
     )
 
     makers = candidates(params, lr=1e-7)
+    if args.twins:
+        for name in ("torch.AdamW(fused)", "torch.SGD(fused)"):
+            makers[name + "#2"] = makers[name]
     if args.only:
         keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
         makers = {name: m for name, m in makers.items() if any(k in name.lower() for k in keys)}
@@ -170,13 +179,17 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in opts}
     mem: dict[str, list[float]] = {name: [] for name in opts}
     first: dict[str, float] = {}
-    order = list(opts)
+    order, shuffle = list(opts), random.Random(0)
+    flush = torch.empty(args.flush_mb << 18) if args.flush_mb > 0 else None
     for r in range(args.rounds + 2):
-        # the order rotates every round: a step that follows a memory-hungry one (the reference packages allocate
-        # hundreds of MB per step) pays for it in cache misses and the kernel's page work; rotating spreads that
-        for name in order[r % len(order) :] + order[: r % len(order)]:
+        # A step is slowed by the one before it (the reference packages allocate and free hundreds of MB per step),
+        # so each step gets a new predecessor every round (a rotation would keep them) and starts from flushed caches.
+        shuffle.shuffle(order)
+        for name in order:
             opt = opts[name]
             gc.collect()
+            if flush is not None:
+                flush.fill_(r)
             dt, extra = timed_step(opt)
             if r == 0:
                 first[name] = dt

@@ -10,7 +10,7 @@
 // rows only: each row's coefficient is computed from its own sums exactly as projection.decide computes it, and
 // written to spec_coef). When the guess is right, the result is bit-identical to the two-pass step. Pass 2
 // applies the decided coefficient and weight decay, or, after a speculating pass 1, repairs only the rows whose
-// decided (coefficient, decay) differ from the guessed ones, recovering the old weight in double (an ulp or two
+// decided (coefficient, decay) differ from the guessed ones, as a small correction of the guessed weight (an ulp or two
 // of the weight's dtype, so speculation is only used for fp32/fp64 parameters).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -199,6 +199,12 @@ bool guessed_right(int repair, T c, T d, const T* spec_coef, int64_t r, T d_spec
 
 // Pass 2: apply the decision (kApply), or repair the rows of a speculating pass 1 that guessed wrong. Returns the
 // rows written.
+//
+// A repair turns the speculated weight p_s = p_old * a_s - step * u into p_old * a - step * u, where a_s and a are
+// the speculated and decided factors (decay + step * coefficient). With x = p_s + step * u (= p_old * a_s) that is
+// p_s + k * x, k = (a - a_s) / a_s, computed once per row in double. The correction k * x is small beside p_s
+// (k is of the order of lr), so working in T adds almost nothing to the rounding that p_s itself already holds,
+// and the loop stays as cheap as kApply's (recovering p_old in double per element made it compute-bound).
 template <typename P, typename T, bool NEST, int REPAIR>
 int64_t adam_pass2_rows(const P* g, P* p, const T* m, const T* v, const T* coef, const T* spec_coef, int64_t r0,
                         int64_t r1, int64_t len, const AdamScalars& s, double decay_slot) {
@@ -209,19 +215,21 @@ int64_t adam_pass2_rows(const P* g, P* p, const T* m, const T* v, const T* coef,
     const T c = coef[r];
     if (REPAIR != kApply && guessed_right<T>(REPAIR, c, d, spec_coef, r, d_spec)) continue;
     ++count;
-    // the old weight was p_spec = p_old * (d_spec + step * c_spec) - step * u
-    const double undo = static_cast<double>(d_spec) +
-                        (REPAIR == kRepairChannel ? static_cast<double>(step) * spec_coef[r] : 0.0);
+    T k = 0;
+    if constexpr (REPAIR != kApply) {
+      const double cs = REPAIR == kRepairChannel ? static_cast<double>(spec_coef[r]) : 0.0;
+      const double a_s = static_cast<double>(d_spec) + static_cast<double>(step) * cs;
+      k = static_cast<T>((static_cast<double>(d) + static_cast<double>(step) * static_cast<double>(c) - a_s) / a_s);
+    }
 #pragma omp simd
     for (int64_t j = r * len; j < (r + 1) * len; ++j) {
       const T mj = m[j];
       const T num = NEST ? b1 * mj + ob1 * (sign * up<T>(g[j])) : mj;
       const T uj = num / (std::sqrt(v[j]) + eps);
-      if constexpr (REPAIR != kApply) {  // in double: the only error left is the rounding of the speculated weight
-        const double pj = (static_cast<double>(p[j]) + static_cast<double>(step) * uj) / undo;
-        p[j] = static_cast<P>(pj * d - static_cast<double>(step) * (uj - pj * c));
+      const T pj = up<T>(p[j]);
+      if constexpr (REPAIR != kApply) {
+        p[j] = static_cast<P>(pj + k * (pj + step * uj));
       } else {
-        const T pj = up<T>(p[j]);
         p[j] = static_cast<P>(pj * d - step * (uj - pj * c));
       }
     }
@@ -285,6 +293,10 @@ void sgd_pass1_rows(const P* g, P* p, T* b, int64_t r0, int64_t r1, int64_t len,
 
 // Without Nesterov the update is the momentum buffer itself, and (as in the reference) the projected update
 // is written back into it; a repair also restores the un-projected buffer where the guess projected wrongly.
+// Repairs take adam_pass2_rows's form: p_s + k * x with x = p_old * a_s. With Nesterov, x = p_s + lr * (g + mu * b)
+// and a = decay + lr * c. Without it, the buffer holds d - p_old * cs (d: the un-projected update), so
+// x = p_s + lr * b, a_s = the decay alone, a = decay + lr * (c - cs), and the buffer becomes b + q * x with
+// q = (cs - c) / a_s.
 template <typename P, typename T, bool NEST, int REPAIR>
 int64_t sgd_pass2_rows(const P* g, P* p, T* b, const T* coef, const T* spec_coef, int64_t r0, int64_t r1,
                        int64_t len, const SgdScalars& s, double decay_slot) {
@@ -295,32 +307,36 @@ int64_t sgd_pass2_rows(const P* g, P* p, T* b, const T* coef, const T* spec_coef
     const T c = coef[r];
     if (REPAIR != kApply && guessed_right<T>(REPAIR, c, d, spec_coef, r, d_spec)) continue;
     ++count;
-    const double cs = REPAIR == kRepairChannel ? static_cast<double>(spec_coef[r]) : 0.0;
+    const T cs = REPAIR == kRepairChannel ? spec_coef[r] : T(0);
     const bool write_buf = !NEST && (c != 0 || cs != 0);
-#pragma omp simd
-    for (int64_t j = r * len; j < (r + 1) * len; ++j) {
-      const T bj = b[j];
-      const T dj = NEST ? sign * up<T>(g[j]) + mu * bj : bj;
-      if constexpr (REPAIR != kApply) {  // in double, as for AdamP
-        // p_spec = p_old * d_spec - lr * (d_old - p_old * cs); without Nesterov b holds d_old - p_old * cs
-        double pj, d_old;
-        if (NEST) {
-          pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * dj) / (d_spec + static_cast<double>(lr) * cs);
-          d_old = dj;
-        } else {
-          pj = (static_cast<double>(p[j]) + static_cast<double>(lr) * bj) / d_spec;
-          d_old = bj + pj * cs;
-        }
-        const double dp = d_old - pj * c;
-        if (write_buf) b[j] = static_cast<T>(c != 0 ? dp : d_old);
-        p[j] = static_cast<P>(pj * d - static_cast<double>(lr) * dp);
-      } else {
-        const T pj = up<T>(p[j]);
-        const T dp = dj - pj * c;
-        if (write_buf) b[j] = dp;
-        p[j] = static_cast<P>(pj * d - lr * dp);
-      }
+    T k = 0, q = 0;
+    if constexpr (REPAIR != kApply) {
+      const double lr_d = lr, c_d = c, cs_d = cs;
+      const double a_s = static_cast<double>(d_spec) + (NEST ? lr_d * cs_d : 0.0);
+      const double a = static_cast<double>(d) + lr_d * (NEST ? c_d : c_d - cs_d);
+      k = static_cast<T>((a - a_s) / a_s);
+      q = static_cast<T>((cs_d - c_d) / a_s);
     }
+    auto rows = [&](auto buffer) {  // the buffer's branch hoisted out of the loop, so that it vectorises
+      constexpr bool kWrite = decltype(buffer)::value;
+#pragma omp simd
+      for (int64_t j = r * len; j < (r + 1) * len; ++j) {
+        const T bj = b[j];
+        const T dj = NEST ? sign * up<T>(g[j]) + mu * bj : bj;
+        const T pj = up<T>(p[j]);
+        if constexpr (REPAIR != kApply) {
+          const T xj = pj + lr * dj;
+          if (kWrite) b[j] = bj + q * xj;
+          p[j] = static_cast<P>(pj + k * xj);
+        } else {
+          const T dp = dj - pj * c;
+          if (kWrite) b[j] = dp;
+          p[j] = static_cast<P>(pj * d - lr * dp);
+        }
+      }
+    };
+    if (write_buf) rows(std::true_type{});
+    else rows(std::false_type{});
   }
   return count;
 }
