@@ -12,9 +12,10 @@ table, so the step costs one parallel region per pass instead of one per tensor:
   pass, each row projected with its own coefficient as it is computed (the row stays in cache).
 
 A speculating run moves the bytes of torch's fused AdamW/SGD (28 bytes per fp32 parameter for Adam), and a right
-guess gives exactly the bits of the two-pass step. Pass 2 repairs the rows of a wrong guess, recovering the old
-weight in double (an ulp or two of fp32/fp64); fp16/bf16 weights would lose far more, so they always take FIRST,
-as do layer-projected parameters (their coefficient needs the whole tensor's sums before any element is final).
+guess gives exactly the bits of the two-pass step. Pass 2 repairs the rows of a wrong guess with a small
+correction of the guessed weight (within about an ulp of fp32/fp64 of the two-pass step); the guessed weight's own
+rounding would cost fp16/bf16 weights far more, so they always take FIRST, as do steadily layer-projected
+parameters (their coefficient needs the whole tensor's sums before any element is final).
 The guess comes from the last two steps' outcomes, kept per run in the optimizer state under ``last_projection``
 (a list of ints, ``last + 3 * the one before``), so that a run resumed from a checkpoint guesses, and rounds,
 exactly like an uninterrupted one. A parameter takes FIRST only after two layer projections in a row: after one, it
