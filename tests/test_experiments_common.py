@@ -28,6 +28,7 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 import _common  # noqa: E402
+from _dist_helpers import run_ranks  # noqa: E402
 from _metrics import Bleu  # noqa: E402
 
 needs_wikitext = pytest.mark.skipif(
@@ -176,3 +177,33 @@ def test_script_datasets_fall_back_to_the_parquet_export(monkeypatch):
     with pytest.raises(_common.DataUnavailableError, match="scripts are no longer supported.*local files"):
         _common.load_hub_dataset("x/y", None, "local files", revision="main")  # an explicit revision: no retry
     assert calls == ["main"]
+
+
+def _tokenizer_on_a_late_rank(rank, world, run_dir):
+    """Rank 1 starts only once rank 0 has saved the tokenizer it trained (the late rank of a real launch)."""
+    import time
+
+    import torch
+    from _tokenizer import load_or_train_tokenizer
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=run_dir, use_cpu=True, report_to=[])
+    assert args.world_size == world and torch.distributed.is_initialized()
+    if rank == 1:
+        deadline = time.monotonic() + 60
+        while not _common.has_tokenizer(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    texts = [f"line {i} of a small corpus with some words, {i * 7} and {i % 13}" for i in range(200)]
+    tok = load_or_train_tokenizer(None, None, run_dir, args, lambda: texts, vocab_size=300, append_eos=False)
+    # a rank that skipped one of the block's barriers is one collective behind: this one would pair with it
+    # and the other rank would wait here until the timeout
+    torch.distributed.barrier()
+    return len(tok)
+
+
+def test_tokenizer_training_keeps_a_late_rank_in_step(tmp_path):
+    """A rank that arrives after rank 0 saved the tokenizer still takes part in every barrier of the block."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sizes = run_ranks(_tokenizer_on_a_late_rank, 2, tmp_path, str(run_dir), timeout=90)
+    assert sizes[0] == sizes[1] and _common.has_tokenizer(run_dir)
