@@ -22,11 +22,12 @@ def _env() -> dict[str, str]:
 
 
 def test_step_time_prints_its_tables() -> None:
-    cmd = [sys.executable, str(BENCHMARKS / "step_time.py"), "--model", "small", "--rounds", "1"]
-    cmd += ["--only", "adamw(fused),sgd(fused),hf_adamp.adamp,hf_adamp.sgdp", "--skip", "plain"]
+    cmd = [sys.executable, str(BENCHMARKS / "step_time.py"), "--model", "small", "--rounds", "1", "--twins"]
+    cmd += ["--only", "adamw(fused),sgd(fused),hf_adamp.adamp,hf_adamp.sgdp", "--skip", "plain", "--flush-mb", "8"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "paired ratios" in done.stdout and "hf_adamp.SGDP(delta=0)" in done.stdout
+    assert "torch.SGD(fused)#2" in done.stdout
 
 
 def test_kernel_modes_prints_its_table() -> None:
@@ -38,6 +39,7 @@ def test_kernel_modes_prints_its_table() -> None:
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "AdamP spec_channel" in done.stdout and "torch SGD(fused)" in done.stdout
+    assert "SGDP repair" in done.stdout and "AdamP apply" in done.stdout
 
 
 @pytest.mark.distributed
