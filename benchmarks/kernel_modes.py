@@ -58,20 +58,13 @@ def main() -> None:
 
     sgd = torch.optim.SGD([p], lr=LR, momentum=0.9, weight_decay=1e-3, fused=True)
     adamw = torch.optim.AdamW([p], lr=LR, weight_decay=1e-3, fused=True)
-    cases = {
-        "SGDP spec": kernel("sgd", _fused.SPEC),
-        "SGDP spec_channel": kernel("sgd", _fused.SPEC_CHANNEL),
-        "SGDP first": kernel("sgd", _fused.FIRST),
-        "SGDP apply": kernel("sgd", _fused.APPLY, second=True),
-        "SGDP repair": kernel("sgd", _fused.REPAIR, second=True),
-        "torch SGD(fused)": sgd.step,
-        "AdamP spec": kernel("adam", _fused.SPEC),
-        "AdamP spec_channel": kernel("adam", _fused.SPEC_CHANNEL),
-        "AdamP first": kernel("adam", _fused.FIRST),
-        "AdamP apply": kernel("adam", _fused.APPLY, second=True),
-        "AdamP repair": kernel("adam", _fused.REPAIR, second=True),
-        "torch AdamW(fused)": adamw.step,
-    }
+    pass1 = (("spec", _fused.SPEC), ("spec_channel", _fused.SPEC_CHANNEL), ("first", _fused.FIRST))
+    pass2 = (("apply", _fused.APPLY), ("repair", _fused.REPAIR))
+    cases = {}
+    for label, kind, ref, ref_step in (("SGDP", "sgd", "SGD", sgd.step), ("AdamP", "adam", "AdamW", adamw.step)):
+        cases.update({f"{label} {mode_name}": kernel(kind, mode) for mode_name, mode in pass1})
+        cases.update({f"{label} {mode_name}": kernel(kind, mode, second=True) for mode_name, mode in pass2})
+        cases[f"torch {ref}(fused)"] = ref_step
     times: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(args.rounds + 5):
         for name, fn in cases.items():

@@ -212,9 +212,9 @@ def main() -> None:
         peak = f"{max(mem[name]):9.0f}" if mem[name] else f"{'-':>9s}"
         print(f"{name:26s} {t * 1e3:10.1f} {first[name] * 1e3:9.1f} {' '.join(cols)} {peak}")
     # Paired ratios: the median over rounds of the step's time over the reference's in the same round. Machine
-    # noise that lasts a few seconds slows both alike, so these move less than the ratios of the medians.
-    pairs = [(ref, label) for ref, label in (("torch.AdamW(fused)", "AdamW fused"), ("torch.SGD(fused)", "SGD fused"))]
-    pairs = [(ref, label) for ref, label in pairs if ref in times]
+    # noise that lasts a few seconds slows both alike, but each keeps its own predecessor's cost (the order is random)
+    refs = (("torch.AdamW(fused)", "AdamW fused"), ("torch.SGD(fused)", "SGD fused"))
+    pairs = [(ref, label) for ref, label in refs if ref in times]
     if pairs:
         print("paired ratios (median over rounds of the same round's ratio): " + ", ".join(label for _, label in pairs))
         for name in times:
