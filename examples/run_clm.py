@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
+    # weight norms, effective step sizes and projection counts in the logs (read on logging steps only)
+    hf_adamp.add_projection_logging(trainer)
     metrics: dict[str, float] = {}
     if training_args.do_train or not training_args.do_eval:
         result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         compute_metrics=compute_metrics,
     )
+    # weight norms, effective step sizes and projection counts in the logs (read on logging steps only)
+    hf_adamp.add_projection_logging(trainer)
     metrics: dict[str, float] = {}
     if training_args.do_train or not (training_args.do_eval or training_args.do_predict):
         result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -94,6 +94,13 @@ class ProjectionLoggingCallback(TrainerCallback):
     def __init__(self, patterns: Iterable[str] = DEFAULT_SCALE_INVARIANT) -> None:
         self.patterns = tuple(patterns)
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # The starting point of the norm curves (a fresh run only: a resumed one has its history already).
+        if state.global_step == 0 and model is not None:
+            metrics = scale_invariant_metrics(model, float(args.learning_rate), self.patterns)
+            if metrics:
+                state.log_history.append({"step": 0, **metrics})
+
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
         if logs is None or "loss" not in logs:  # training logs only, not evaluation or the final summary
             return
