@@ -43,28 +43,50 @@ def clm_arguments(args: argparse.Namespace, optim: str, output_dir: Path, tokeni
         data += ["--max_train_samples", str(args.max_lines), "--max_eval_samples", str(max(20, args.max_lines // 8))]
     argv = [
         *data,
-        "--output_dir", str(output_dir),
-        "--optim", optim,
-        "--learning_rate", str(args.lr),
-        "--weight_decay", str(args.weight_decay),
-        "--lr_scheduler_type", "cosine",
-        "--warmup_steps", "0",
-        "--max_steps", str(args.steps),
-        "--max_grad_norm", "0.25",
-        "--per_device_train_batch_size", "16",
-        "--per_device_eval_batch_size", "32",
-        "--block_size", str(args.block_size),
-        "--config_overrides", MODEL,
-        "--tokenizer_vocab_size", "4000",
-        "--logging_steps", str(max(1, args.steps // 30)),
-        "--eval_strategy", "steps",
-        "--eval_steps", str(max(1, args.steps // 4)),
-        "--save_strategy", "no",
-        "--do_train", "--do_eval",
-        "--seed", str(args.seed),
-        "--report_to", "none",
-        "--log_level", "warning",
-        "--weight_norm", str(args.weight_norm).lower(),
+        "--output_dir",
+        str(output_dir),
+        "--optim",
+        optim,
+        "--learning_rate",
+        str(args.lr),
+        "--weight_decay",
+        str(args.weight_decay),
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_steps",
+        "0",
+        "--max_steps",
+        str(args.steps),
+        "--max_grad_norm",
+        "0.25",
+        "--per_device_train_batch_size",
+        "16",
+        "--per_device_eval_batch_size",
+        "32",
+        "--block_size",
+        str(args.block_size),
+        "--config_overrides",
+        MODEL,
+        "--tokenizer_vocab_size",
+        "4000",
+        "--logging_steps",
+        str(max(1, args.steps // 30)),
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        str(max(1, args.steps // 4)),
+        "--save_strategy",
+        "no",
+        "--do_train",
+        "--do_eval",
+        "--seed",
+        str(args.seed),
+        "--report_to",
+        "none",
+        "--log_level",
+        "warning",
+        "--weight_norm",
+        str(args.weight_norm).lower(),
     ]
     if tokenizer is not None:  # the second run reuses the first one's tokenizer: same ids, same initial weights
         argv += ["--tokenizer_name", str(tokenizer)]
@@ -98,8 +120,10 @@ def summarise(name: str, output_dir: Path, metrics: dict, wall: float, peak_lr: 
 
 def print_table(rows: list[dict]) -> None:
     print()
-    print("| optimizer | validation loss | perplexity | norm of the WN directions | peak lr / mean |w|^2 "
-          "| last step channel/layer/none | wall time |")
+    print(
+        "| optimizer | validation loss | perplexity | norm of the WN directions | peak lr / mean |w|^2 "
+        "| last step channel/layer/none | wall time |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
@@ -122,8 +146,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--weight_decay", type=float, default=0.01)
     ap.add_argument("--block_size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weight_norm", action=argparse.BooleanOptionalAction, default=True,
-                    help="weight-normalise the attention and MLP projections (default: on)")
+    ap.add_argument(
+        "--weight_norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="weight-normalise the attention and MLP projections (default: on)",
+    )
     ap.add_argument("--output_dir", type=Path, default=Path("runs/compare_optimizers"))
     args = ap.parse_args(argv)
     if not args.dataset_name:

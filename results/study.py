@@ -119,9 +119,11 @@ def lm_runs(data: Path) -> list[Run]:
 
 
 def mt_runs(data: Path) -> list[Run]:
-    files = {f"{split}_{side}_file": relative(data / f"{prefix}.{lang}.gz")
-             for split, prefix in (("train", "train"), ("validation", "val"))
-             for side, lang in (("source", "de"), ("target", "en"))}
+    files = {
+        f"{split}_{side}_file": relative(data / f"{prefix}.{lang}.gz")
+        for split, prefix in (("train", "train"), ("validation", "val"))
+        for side, lang in (("source", "de"), ("target", "en"))
+    }
     out = []
     for seed in SEEDS:
         for config in MT_CONFIGS:
@@ -165,8 +167,15 @@ def command(run: Run, output_dir: Path) -> list[str]:
     values = dict(LM_OVERRIDES if run.task == "lm" else MT_OVERRIDES)
     values.update(run.overrides)
     values.update(EXTRA)
-    values.update(learning_rate=run.lr, seed=run.seed, output_dir=str(output_dir), save_strategy="no",
-                  eval_strategy="steps", disable_tqdm=True, report_to="none")
+    values.update(
+        learning_rate=run.lr,
+        seed=run.seed,
+        output_dir=str(output_dir),
+        save_strategy="no",
+        eval_strategy="steps",
+        disable_tqdm=True,
+        report_to="none",
+    )
     argv = [sys.executable, script, config]
     for key, value in values.items():
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
@@ -212,9 +221,16 @@ def execute(run: Run, keep: Path | None) -> dict:
 
 
 CURVE_KEYS = (
-    "loss", "learning_rate", "grad_norm", "eval_loss", "eval_bleu",
-    "scale_invariant/weight_norm", "scale_invariant/effective_step_size",
-    "projection/channel", "projection/layer", "projection/none",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "eval_loss",
+    "eval_bleu",
+    "scale_invariant/weight_norm",
+    "scale_invariant/effective_step_size",
+    "projection/channel",
+    "projection/layer",
+    "projection/none",
 )
 
 
@@ -260,29 +276,44 @@ def seeded_results(task: str, config: str) -> list[dict]:
 
 
 def report_tables() -> str:
-    lines = ["| LM (WikiText-2) | lr | seeds | validation perplexity (per token) | validation loss | "
-             "WN norm at the end | minutes per run |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| LM (WikiText-2) | lr | seeds | validation perplexity (per token) | validation loss | "
+        "WN norm at the end | minutes per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for config, label in LM_CONFIGS.items():
         rs = seeded_results("lm", config)
-        norms = [r["curves"]["scale_invariant/weight_norm"][-1][1] for r in rs
-                 if "scale_invariant/weight_norm" in r["curves"]]
+        norms = [
+            r["curves"]["scale_invariant/weight_norm"][-1][1]
+            for r in rs
+            if "scale_invariant/weight_norm" in r["curves"]
+        ]
         lines.append(
             f"| {label} | {rs[0]['lr']:g} | {len(rs)} | {mean_std([r['metrics']['perplexity'] for r in rs])} | "
             f"{mean_std([r['metrics']['eval_loss'] for r in rs])} | {mean_std(norms) if norms else '–'} | "
-            f"{mean_std([r['wall_time_s'] / 60 for r in rs])} |" if rs else f"| {label} | | 0 | | | | |"
+            f"{mean_std([r['wall_time_s'] / 60 for r in rs])} |"
+            if rs
+            else f"| {label} | | 0 | | | | |"
         )
-    lines += ["", "| MT (Multi30k De→En) | warmup steps | seeds | validation BLEU | validation loss | "
-              "minutes per run |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| MT (Multi30k De→En) | warmup steps | seeds | validation BLEU | validation loss | minutes per run |",
+        "|---|---|---|---|---|---|",
+    ]
     for config, label in MT_CONFIGS.items():
         rs = seeded_results("mt", config)
         warmup = 0 if config.endswith("nowarmup") else MT_WARMUP_STEPS
         lines.append(
             f"| {label} | {warmup} | {len(rs)} | {mean_std([r['metrics']['eval_bleu'] for r in rs])} | "
             f"{mean_std([r['metrics']['eval_loss'] for r in rs])} | {mean_std([r['wall_time_s'] / 60 for r in rs])} |"
-            if rs else f"| {label} | {warmup} | 0 | | | |"
+            if rs
+            else f"| {label} | {warmup} | 0 | | | |"
         )
-    lines += ["", "| LM sweep (seed 0) | " + " | ".join(f"lr {lr:g}" for lr in LM_SWEEP) + " |",
-              "|---" * (len(LM_SWEEP) + 1) + "|"]
+    lines += [
+        "",
+        "| LM sweep (seed 0) | " + " | ".join(f"lr {lr:g}" for lr in LM_SWEEP) + " |",
+        "|---" * (len(LM_SWEEP) + 1) + "|",
+    ]
     for config in ("adamw_wn", "adamp_wn"):
         cells = []
         for lr in LM_SWEEP:
@@ -299,17 +330,25 @@ def report_commands() -> str:
         for config in configs:
             rs = seeded_results(task, config)
             if rs:
-                lines.append(f"- {configs[config]} ({task}): `python results/study.py --only {task}/{config}/` — "
-                             f"seed 0 ran `{rs[0]['command']}` at commit {rs[0]['commit'][:7]}")
+                lines.append(
+                    f"- {configs[config]} ({task}): `python results/study.py --only {task}/{config}/` — "
+                    f"seed 0 ran `{rs[0]['command']}` at commit {rs[0]['commit'][:7]}"
+                )
     return "\n".join(lines)
 
 
 PLOTS = {
-    "lm": (("eval_loss", "validation loss", False), ("loss", "training loss", False),
-           ("scale_invariant/weight_norm", "norm of the weight-normalised directions", False),
-           ("scale_invariant/effective_step_size", "effective step size lr / |w|^2", True)),
-    "mt": (("loss", "training loss", False), ("eval_loss", "validation loss", False),
-           ("eval_bleu", "validation BLEU", False)),
+    "lm": (
+        ("eval_loss", "validation loss", False),
+        ("loss", "training loss", False),
+        ("scale_invariant/weight_norm", "norm of the weight-normalised directions", False),
+        ("scale_invariant/effective_step_size", "effective step size lr / |w|^2", True),
+    ),
+    "mt": (
+        ("loss", "training loss", False),
+        ("eval_loss", "validation loss", False),
+        ("eval_bleu", "validation BLEU", False),
+    ),
 }
 
 
@@ -336,7 +375,7 @@ def plot_report(out: Path) -> list[Path]:
                 steps = np.array([p[0] for p in series[0][:n]])
                 values = np.array([[p[1] for p in s[:n]] for s in series])
                 label = f"{configs[config]} ({len(series)} seed{'s' if len(series) > 1 else ''})"
-                line, = ax.plot(steps, values.mean(0), label=label)
+                (line,) = ax.plot(steps, values.mean(0), label=label)
                 if len(series) > 1:
                     ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
                 drawn = True
@@ -363,7 +402,7 @@ def write_report() -> None:
     begin, end = "<!-- study:begin -->", "<!-- study:end -->"
     generated = f"{begin}\n{report_tables()}\n\nCommands:\n{report_commands()}\n{end}"
     if begin in text and end in text:
-        text = text[: text.index(begin)] + generated + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + generated + text[text.index(end) + len(end) :]
     else:
         text += "\n" + generated + "\n"
     readme.write_text(text)
