@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "results" / "runs"
+RUNS = DEFAULT_RUNS = ROOT / "results" / "runs"
 SHARED = ROOT.parent / "shared" / "data"  # the development machines' offline copies; pass --data elsewhere
 
 SEEDS = (0, 1, 2)
@@ -396,9 +396,11 @@ def plot_report(out: Path) -> list[Path]:
 
 
 def write_report() -> None:
-    """Refresh the generated part of results/README.md (between its markers) and the PNGs."""
-    readme = ROOT / "results" / "README.md"
-    text = readme.read_text()
+    """Refresh the generated part of the report (between its markers) and the PNGs: results/README.md and
+    results/ for this study's runs, README.md and PNGs inside --runs-dir for any other."""
+    out = ROOT / "results" if RUNS == DEFAULT_RUNS else RUNS
+    readme = out / "README.md"
+    text = readme.read_text() if readme.is_file() else f"# Study report: {RUNS}\n"
     begin, end = "<!-- study:begin -->", "<!-- study:end -->"
     generated = f"{begin}\n{report_tables()}\n\nCommands:\n{report_commands()}\n{end}"
     if begin in text and end in text:
@@ -406,8 +408,9 @@ def write_report() -> None:
     else:
         text += "\n" + generated + "\n"
     readme.write_text(text)
-    for path in plot_report(ROOT / "results"):
-        print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {readme}")
+    for path in plot_report(out):
+        print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
