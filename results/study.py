@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -423,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", action="store_true", help="only refresh results/README.md tables and the PNGs")
     ap.add_argument("--keep", type=Path, help="keep each run's Trainer output under this directory")
     ap.add_argument("--runs-dir", type=Path, default=RUNS, help="where the run JSONs go (another corpus: elsewhere)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads threads)")
     ap.add_argument("--threads", type=int, default=THREADS, help="OMP_NUM_THREADS of each run")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra script arguments (pilots)")
     args = ap.parse_args(argv)
@@ -434,24 +436,48 @@ def main(argv: list[str] | None = None) -> None:
     for path, what in ((args.data / "train.txt", "--data"), (args.mt_data / "train.de.gz", "--mt-data")):
         if not path.is_file() and not args.list:
             raise SystemExit(f"{path} not found: point {what} at the corpus")
-    while True:  # the plan grows once the sweep is done
-        todo = [r for r in plan(args.data, args.mt_data) if not args.only or any(o in r.name for o in args.only)]
-        if args.list:
-            for run in todo:
-                print(f"{'done' if run.path.is_file() else 'todo'}  {run.name}")
-            return
-        pending = [r for r in todo if not r.path.is_file()]
-        if not pending:
-            break
-        run = pending[0]
-        print(f"[{time.strftime('%H:%M:%S')}] {run.name} ({len(pending)} left)", flush=True)
-        result = execute(run, args.keep)
-        tmp = run.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, run.path)  # a JSON is only ever complete
-        ppl = result["metrics"].get("perplexity", result["metrics"].get("eval_bleu", math.nan))
-        print(f"    done in {result['wall_time_s'] / 60:.1f} min: {ppl:.3f}", flush=True)
+    if args.list:
+        for run in selected(args):
+            print(f"{'done' if run.path.is_file() else 'todo'}  {run.name}")
+        return
+    failed = run_all(args)
     write_report()
+    if failed:
+        raise SystemExit(f"{failed} run(s) failed; their logs are next to where their JSONs would be")
+
+
+def selected(args: argparse.Namespace) -> list[Run]:
+    return [r for r in plan(args.data, args.mt_data) if not args.only or any(o in r.name for o in args.only)]
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """Run what is pending, ``--jobs`` at a time; the plan is re-read after each run (it grows once the sweep
+    is done). Returns the number of failed runs (the others go on)."""
+    running: dict[Future, Run] = {}
+    failed: set[Path] = set()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        while True:
+            busy = {r.path for r in running.values()} | failed
+            pending = [r for r in selected(args) if not r.path.is_file() and r.path not in busy]
+            for run in pending[: args.jobs - len(running)]:
+                print(f"[{time.strftime('%H:%M:%S')}] start {run.name} ({len(pending)} waiting)", flush=True)
+                running[pool.submit(execute, run, args.keep)] = run
+            if not running:
+                return len(failed)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                try:
+                    result = future.result()
+                except RuntimeError as err:
+                    print(f"    {err}", flush=True)
+                    failed.add(run.path)
+                    continue
+                tmp = run.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(result, indent=1))
+                os.replace(tmp, run.path)  # a JSON is only ever complete
+                value = result["metrics"].get("perplexity", result["metrics"].get("eval_bleu", math.nan))
+                print(f"    {run.name} done in {result['wall_time_s'] / 60:.1f} min: {value:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def test_a_run_writes_its_json_and_a_second_call_skips_it(tmp_path, corpora):
 
     before = lm_json.stat().st_mtime_ns
     again = study("--only", "lm/adamp/lr0.002_s0", *lm_set, runs=runs, corpora=corpora)
-    assert again.returncode == 0 and "left)" not in again.stdout  # nothing to run
+    assert again.returncode == 0 and "start" not in again.stdout  # nothing to run
     assert lm_json.stat().st_mtime_ns == before
 
     listed = study("--list", runs=runs, corpora=corpora).stdout.splitlines()
