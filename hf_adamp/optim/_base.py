@@ -226,6 +226,12 @@ class ProjectedOptimizer(Optimizer):
         if "_contexts" in self.__dict__:
             self._contexts.clear()
 
+    def params_replaced(self) -> None:
+        """Call after putting other parameters into ``param_groups`` by hand (before the first step): they count
+        as the user's own, and the cached step plans are dropped."""
+        self._record_given()
+        self._contexts.clear()
+
     def _record_given(self) -> None:
         given = self.__dict__.setdefault("_given", {})
         for group in self.param_groups:

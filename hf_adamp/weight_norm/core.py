@@ -63,9 +63,16 @@ class WeightNormSummary:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, max_lines: int | None = None) -> str:
+        """The summary; with ``max_lines``, each of the wrapped and skipped lists is cut to that many lines."""
         lines = [f"weight norm ({self.family or 'custom rule'}): {len(self.wrapped)} modules wrapped"]
-        lines += [f"  wrapped  {name}  [{layout}]" for name, layout in self.wrapped.items()]
-        lines += [f"  skipped  {name}  ({reason})" for name, reason in self.skipped.items()]
+        for verb, entries, brackets in (("wrapped", self.wrapped, "[]"), ("skipped", self.skipped, "()")):
+            shown = list(entries.items())[:max_lines]
+            lines += [f"  {verb}  {name}  {brackets[0]}{note}{brackets[1]}" for name, note in shown]
+            if len(shown) < len(entries):
+                lines.append(f"  ... and {len(entries) - len(shown)} more {verb}")
         return "\n".join(lines)
 
 
