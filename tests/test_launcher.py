@@ -232,3 +232,78 @@ def test_prepare_swaps_the_wrapped_weights_into_an_earlier_optimizer(launched_we
     optimizer.step()
     decisions = optimizer.optimizer.projection_decisions()
     assert decisions[params["model.layers.1.mlp.down_proj.parametrizations.weight.original1"]] == "channel"
+
+
+# ----- ZeRO-3: transformers builds the model under zero.Init; weight norm gathers, wraps, re-partitions -----
+GLOO_FOR_DEEPSPEED = """
+# Test-only: accelerate picks no backend for several ranks on a machine without an accelerator (and cpu=True would
+# turn DeepSpeed off), so choose gloo on CPU here, then start the launcher as `-m hf_adamp` would.
+import os
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+original = PartialState._prepare_backend
+
+
+def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "gloo", DistributedType.MULTI_CPU
+    return original(self, cpu, sagemaker_dp, backend)
+
+
+PartialState._prepare_backend = prepare_backend
+from hf_adamp.launch import main  # noqa: E402
+
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_two_ranks_with_weight_norm_equals_one_process(corpus, tmp_path) -> None:
+    """Trainer + DeepSpeed ZeRO-3 (model built under zero.Init by from_pretrained) + --weight-norm + adamp on 2
+    CPU ranks trains the same weights as one process without DeepSpeed, at the same global batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS) + 3)
+    config.update_from_string(LLAMA)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "start")  # both runs load these weights
+    ds_config = tmp_path / "zero3.json"
+    zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    auto = {k: "auto" for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")}
+    ds_config.write_text(json.dumps({**auto, "gradient_clipping": "auto", "zero_optimization": zero}))
+    wrapper = tmp_path / "gloo_launch.py"
+    wrapper.write_text(GLOO_FOR_DEEPSPEED)
+
+    def args(out: Path, *extra: str) -> list[str]:
+        common = script_args(corpus, out, f"--model_name_or_path={tmp_path / 'start'}", "--max_steps=3")
+        common = [a for a in common if not a.startswith(("--model_type", "--config_overrides", "--use_cpu"))]
+        # adam_epsilon: Adam divides near-zero gradients by their own size, which turns the engines' different
+        # summation orders into ~1e-5 after 3 steps at eps=1e-8 (the same with AdamW); 1e-6 damps that
+        return [*common, "--train_sampling_strategy=sequential", "--save_strategy=no", "--adam_epsilon=1e-6", *extra]
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    zero3 = [*torchrun, str(wrapper), "--weight-norm", "--log-projection", *args(tmp_path / "zero3")]
+    zero3 += [f"--deepspeed={ds_config}"]
+    proc = run(zero3 + ["--per_device_train_batch_size=2"], env={"DS_ACCELERATOR": "cpu"}, timeout=600)
+    check_ok(proc)
+    # the model was built under zero.Init: each weight was gathered, wrapped and re-partitioned
+    assert (
+        proc.stdout.count("wrapped  model.layers.0.self_attn.q_proj  [Linear, v [out, in], norm per row; ZeRO-3") == 1
+    )
+    for entry in projection_logs(tmp_path / "zero3"):  # AdamP projected v on ZeRO-3's partitions
+        assert entry["projection/channel"] >= WRAPPED, entry
+    single = [sys.executable, "-m", "hf_adamp", "--weight-norm", *args(tmp_path / "one", "--use_cpu")]
+    check_ok(run(single))
+
+    sharded = safetensors.torch.load_file(tmp_path / "zero3" / "model.safetensors")
+    reference = safetensors.torch.load_file(tmp_path / "one" / "model.safetensors")
+    assert sharded.keys() == reference.keys() and "model.layers.0.mlp.up_proj.weight" in reference
+    start = safetensors.torch.load_file(tmp_path / "start" / "model.safetensors")
+    assert not torch.allclose(
+        reference["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"]
+    )
+    for key, value in reference.items():
+        torch.testing.assert_close(sharded[key], value, rtol=1e-5, atol=2e-5, msg=key)
+    print("ZeRO-3 vs one process: max abs diff", max((sharded[k] - v).abs().max().item() for k, v in reference.items()))
