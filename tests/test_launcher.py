@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from _dist_helpers import free_port
+from _dist_helpers import GLOO_LAUNCHER, free_port
 
 from hf_adamp import launch
 
@@ -235,27 +235,6 @@ def test_prepare_swaps_the_wrapped_weights_into_an_earlier_optimizer(launched_we
 
 
 # ----- ZeRO-3: transformers builds the model under zero.Init; weight norm gathers, wraps, re-partitions -----
-GLOO_FOR_DEEPSPEED = """
-# Test-only: accelerate picks no backend for several ranks on a machine without an accelerator (and cpu=True would
-# turn DeepSpeed off), so choose gloo on CPU here, then start the launcher as `-m hf_adamp` would.
-import os
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType
-
-original = PartialState._prepare_backend
-
-
-def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "gloo", DistributedType.MULTI_CPU
-    return original(self, cpu, sagemaker_dp, backend)
-
-
-PartialState._prepare_backend = prepare_backend
-from hf_adamp.launch import main  # noqa: E402
-
-main()
-"""
 
 
 @pytest.mark.slow
@@ -274,7 +253,7 @@ def test_zero3_two_ranks_with_weight_norm_equals_one_process(corpus, tmp_path) -
     auto = {k: "auto" for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")}
     ds_config.write_text(json.dumps({**auto, "gradient_clipping": "auto", "zero_optimization": zero}))
     wrapper = tmp_path / "gloo_launch.py"
-    wrapper.write_text(GLOO_FOR_DEEPSPEED)
+    wrapper.write_text(GLOO_LAUNCHER)
 
     def args(out: Path, *extra: str) -> list[str]:
         common = script_args(corpus, out, f"--model_name_or_path={tmp_path / 'start'}", "--max_steps=3")
@@ -284,7 +263,14 @@ def test_zero3_two_ranks_with_weight_norm_equals_one_process(corpus, tmp_path) -
         return [*common, "--train_sampling_strategy=sequential", "--save_strategy=no", "--adam_epsilon=1e-6", *extra]
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    zero3 = [*torchrun, str(wrapper), "--weight-norm", "--log-projection", *args(tmp_path / "zero3")]
+    zero3 = [
+        *torchrun,
+        str(wrapper),
+        str(ROOT / "hf_adamp" / "__main__.py"),
+        "--weight-norm",
+        "--log-projection",
+        *args(tmp_path / "zero3"),
+    ]
     zero3 += [f"--deepspeed={ds_config}"]
     proc = run(zero3 + ["--per_device_train_batch_size=2"], env={"DS_ACCELERATOR": "cpu"}, timeout=600)
     check_ok(proc)
