@@ -293,3 +293,26 @@ def test_zero3_two_ranks_with_weight_norm_equals_one_process(corpus, tmp_path) -
     for key, value in reference.items():
         torch.testing.assert_close(sharded[key], value, rtol=1e-5, atol=2e-5, msg=key)
     print("ZeRO-3 vs one process: max abs diff", max((sharded[k] - v).abs().max().item() for k, v in reference.items()))
+
+
+def test_weight_norm_errors_name_the_launcher_options(launched_weight_norm) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))  # no config.model_type: no family rule applies
+    with pytest.raises(
+        ValueError, match=r"(?s)hf_adamp --weight-norm: .*no config.model_type.*--weight-norm-include REGEX"
+    ):
+        launched_weight_norm.weight_norm_model(model)
+
+
+def test_an_optimizer_that_already_stepped_is_refused(launched_weight_norm) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=43)
+    config.update_from_string(LLAMA)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 43, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    launched_weight_norm.weight_norm_model(model)
+    with pytest.raises(RuntimeError, match="AdamW has already stepped on a weight that weight norm replaced"):
+        launched_weight_norm.swap_wrapped_weights(optimizer)
