@@ -72,3 +72,32 @@ def run_ranks(fn, world: int, tmp_path: Path, *args: Any, timeout: float = 240) 
     if bad:
         raise AssertionError(f"ranks {bad} exited with {[procs[r].exitcode for r in bad]}")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# Test-only: accelerate picks no backend for several ranks on a machine without an accelerator, so every rank
+# would think it is alone (and cpu=True would turn DeepSpeed off). This launcher makes it choose gloo / MULTI_CPU,
+# then runs the script given as its first argument unchanged. Real GPU launches need nothing like it.
+GLOO_LAUNCHER = """
+import os, runpy, sys
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+original = PartialState._prepare_backend
+
+def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "gloo", DistributedType.MULTI_CPU
+    return original(self, cpu, sagemaker_dp, backend)
+
+PartialState._prepare_backend = prepare_backend
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+# DeepSpeed's CPU shared-memory comm op can abort in interpreter teardown after all work is done (exit -6):
+# wait for every rank, then leave without that teardown
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.barrier()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+"""

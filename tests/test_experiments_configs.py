@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _dist_helpers import GLOO_LAUNCHER
 from test_experiments_common import (
     CONFIGS,
     QUIET,
@@ -272,27 +273,6 @@ def test_ddp_on_two_cpu_ranks_matches_one_process(tmp_path):
     (ddp_batch, ddp_losses), (single_batch, single_losses) = run("ddp"), run("single")
     assert (ddp_batch, single_batch) == (2, 4)
     assert len(ddp_losses) == 3 and ddp_losses == pytest.approx(single_losses, rel=1e-5)
-
-
-# Test-only: accelerate picks no backend for several ranks on a machine without an accelerator (DESIGN.md
-# section 4), so every rank would think it is alone. This launcher makes it choose gloo / MULTI_CPU, then
-# runs the script unchanged. Real GPU launches need nothing like it.
-GLOO_LAUNCHER = """
-import os, runpy, sys
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType
-
-original = PartialState._prepare_backend
-
-def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "gloo", DistributedType.MULTI_CPU
-    return original(self, cpu, sagemaker_dp, backend)
-
-PartialState._prepare_backend = prepare_backend
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 @pytest.mark.slow

@@ -386,6 +386,26 @@ def test_bad_optim_args(name, optim_args, message):
 )
 def test_bad_optim_args_through_the_trainer(tmp_path, optim_args, message):
     """Our parser runs before the stock one, which would fail on these with an unpacking error."""
-    trainer = Trainer(model=tiny_model(), args=make_args(tmp_path, optim="adamp", optim_args=optim_args))
+    args = make_args(tmp_path, optim="adamp")
+    args.optim_args = optim_args  # set after construction, which would have refused it
+    trainer = Trainer(model=tiny_model(), args=args)
     with pytest.raises(ValueError, match=message):
         trainer.create_optimizer()
+
+
+def test_bad_optim_args_fail_when_training_arguments_are_built(tmp_path):
+    """A typo fails at TrainingArguments(...) (and so when HfArgumentParser parses the command line), before
+    the script loads a model or data; set_optimizer checks too. Built-in names keep transformers' own rules."""
+    with pytest.raises(ValueError, match=r"unknown key 'detla' for optim='adamp'\. Valid keys: delta"):
+        make_args(tmp_path, optim="adamp", optim_args="detla=0.1")
+    with pytest.raises(ValueError, match="momentum must be in"):
+        make_args(tmp_path, optim=OptimizerNames("sgdp"), optim_args="momentum=2")
+    parser = HfArgumentParser(TrainingArguments)
+    with pytest.raises(ValueError, match="delta=abc is not a number"):
+        parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", "adamp", "--optim_args", "delta=abc"]
+        )
+    with pytest.raises(ValueError, match="Valid keys: decoupled_weight_decay"):
+        make_args(tmp_path).set_optimizer(name="radam", args="delta=0.1")
+    assert make_args(tmp_path, optim="adamp", optim_args="delta=0.2").optim_args == "delta=0.2"
+    assert make_args(tmp_path, optim="sgd", optim_args="momentum=0.9").optim_args == "momentum=0.9"

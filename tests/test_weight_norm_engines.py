@@ -194,7 +194,7 @@ def test_fsdp2_two_ranks_forward_training_and_export(tmp_path) -> None:
 
 
 _ZERO_INIT = """
-import os, torch, deepspeed, hf_adamp, transformers as T
+import deepspeed, hf_adamp, transformers as T
 # import the model class (and, through it, torch._dynamo) before zero.Init patches tensor creation:
 # torch._dynamo fails to import under that patch, with or without hf_adamp
 T.LlamaForCausalLM
@@ -202,16 +202,26 @@ config = {"train_batch_size": 1, "zero_optimization": {"stage": 3}}
 with deepspeed.zero.Init(config_dict_or_path=config):
     model = T.LlamaForCausalLM(T.LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=24,
                                num_attention_heads=2, vocab_size=40))
-try:
-    hf_adamp.apply_weight_norm(model)
-except ValueError as err:
-    print("ERROR:", err)
+names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+before = {}
+for name in names:
+    weight = model.get_submodule(name).weight
+    with deepspeed.zero.GatheredParameters([weight]):
+        before[name] = weight.detach().clone()
+print(hf_adamp.apply_weight_norm(model))
+for name in names:
+    wrapped = model.get_submodule(name).parametrizations["weight"]
+    g, v = wrapped.original0, wrapped.original1
+    print(name, "partitioned:", hasattr(g, "ds_id") and hasattr(v, "ds_id") and v.data.numel() == 0)
+    with deepspeed.zero.GatheredParameters([g, v]):
+        print(name, "max diff:", (wrapped[0](g, v) - before[name]).abs().max().item())
 """
 
 
 @pytest.mark.slow
-def test_zero3_partitioned_model_is_a_clear_error(tmp_path) -> None:
-    """DeepSpeed issue #1045: weight norm computed from a ZeRO-3-partitioned (empty) weight is garbage."""
+def test_zero3_partitioned_model_is_gathered_wrapped_and_repartitioned(tmp_path) -> None:
+    """DeepSpeed issue #1045: weight norm computed from a ZeRO-3-partitioned (empty) weight would be garbage, so
+    each weight is gathered first; g and v are then partitioned too, and give back the weight."""
     env = dict(
         os.environ,
         DS_ACCELERATOR="cpu",
@@ -224,9 +234,12 @@ def test_zero3_partitioned_model_is_a_clear_error(tmp_path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", _ZERO_INIT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ERROR: apply_weight_norm: the model's parameters are already partitioned by DeepSpeed ZeRO-3" in (
-        done.stdout
-    )
+    assert "weight norm (llama): 7 modules wrapped" in done.stdout
+    assert "ZeRO-3: gathered, wrapped, re-partitioned" in done.stdout
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+        assert f"{name} partitioned: True" in done.stdout
+        diff = float(done.stdout.split(f"{name} max diff: ")[1].split()[0])
+        assert diff < 1e-6, done.stdout
 
 
 if __name__ == "__main__":

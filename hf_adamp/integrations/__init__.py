@@ -5,14 +5,19 @@ when those modules load (or at once if they already have).
 """
 
 from . import deepspeed, transformers
+from ._post_import import when_imported
 from .deepspeed import DeepSpeedConfigError, ShardingNotSupportedError, attach_sharding
 from .transformers import OPTIM_NAMES, create_optimizer, parse_optim_args, trainer_param_groups
 
 
 def install() -> None:
-    """Register optim="adamp"|"sgdp"|"radam" and the DeepSpeed checks. Safe to call again."""
+    """Register optim="adamp"|"sgdp"|"radam", the DeepSpeed checks and the FSDP1 model tracking. Safe to call
+    again."""
     transformers.install()
     deepspeed.install()
+    from ..sharding.fsdp1 import track_fsdp1_units
+
+    when_imported("torch.distributed.fsdp.fully_sharded_data_parallel", "fsdp1_units", track_fsdp1_units)
 
 
 __all__ = [

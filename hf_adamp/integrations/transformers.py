@@ -267,6 +267,35 @@ def _add_enum_member(enum_cls: type[Enum], name: str, value: str) -> None:
     type.__setattr__(enum_cls, name, member)  # EnumType.__setattr__ refuses new members
 
 
+def register_optim_args_check(training_args: ModuleType) -> None:
+    """Check ``optim_args`` of our names when ``TrainingArguments`` is built or ``set_optimizer`` is called, so a
+    typo fails before the model and the data are loaded (idempotent: a previous wrapper of ours is replaced)."""
+    args_cls = training_args.TrainingArguments
+
+    def check(args: Any) -> None:
+        if _is_ours(args.optim):
+            parse_optim_args(_optim_value(args.optim), args.optim_args)
+
+    def checked(original: Callable[..., Any], before: bool) -> Callable[..., Any]:
+        while getattr(original, _MARK, False):
+            original = original.__wrapped__
+
+        @functools.wraps(original)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if before:  # __post_init__: before the stock checks and the device setup
+                check(self)
+            result = original(self, *args, **kwargs)
+            if not before:
+                check(self)
+            return result
+
+        setattr(wrapper, _MARK, True)
+        return wrapper
+
+    args_cls.__post_init__ = checked(args_cls.__post_init__, before=True)
+    args_cls.set_optimizer = checked(args_cls.set_optimizer, before=False)
+
+
 def _hf_adamp_handler(ctx: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """Handler for transformers' ``_OPTIMIZER_HANDLERS`` table; parses ``optim_args`` itself."""
     return optimizer_cls_and_kwargs(ctx.args)
@@ -326,5 +355,6 @@ def _is_ours(optim: Any) -> bool:
 def install() -> None:
     """Register the Trainer options now or when transformers loads (called by ``import hf_adamp``)."""
     when_imported("transformers.training_args", "optimizer_names", register_optimizer_names)
+    when_imported("transformers.training_args", "optim_args_check", register_optim_args_check)
     when_imported("transformers.trainer_optimizer", "optimizer_handlers", register_handlers)
     when_imported("transformers.trainer", "trainer_optimizer_cls", register_trainer)

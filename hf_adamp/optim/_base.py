@@ -226,6 +226,12 @@ class ProjectedOptimizer(Optimizer):
         if "_contexts" in self.__dict__:
             self._contexts.clear()
 
+    def params_replaced(self) -> None:
+        """Call after putting other parameters into ``param_groups`` by hand (before the first step): they count
+        as the user's own, and the cached step plans are dropped."""
+        self._record_given()
+        self._contexts.clear()
+
     def _record_given(self) -> None:
         given = self.__dict__.setdefault("_given", {})
         for group in self.param_groups:
@@ -255,8 +261,10 @@ class ProjectedOptimizer(Optimizer):
         if sharded or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
             if is_dtensor(p):
                 kind = "a DTensor (FSDP2 shard)"
-            elif sharded:
+            elif getattr(p, "_is_flat_param", False):
                 kind = f"an FSDP1 FlatParameter of shape {tuple(p.shape)}"
+            elif sharded:
+                kind = f"an FSDP1 local slice of shape {tuple(p.shape)} (use_orig_params=True)"
             else:
                 kind = f"a flat tensor of shape {tuple(p.shape)}"
             raise RuntimeError(
@@ -655,8 +663,11 @@ _DTENSOR_TYPES: dict[type, bool] = {}
 
 
 def is_sharded_tensor(t: Tensor) -> bool:
-    """A tensor that only ever holds a shard: an FSDP2 DTensor or an FSDP1 FlatParameter."""
-    return is_dtensor(t) or bool(getattr(t, "_is_flat_param", False))
+    """A tensor that only ever holds a shard: an FSDP2 DTensor, an FSDP1 FlatParameter, or an original parameter
+    of FSDP1 with use_orig_params=True (FSDP flags it; between steps it is a 1-D slice of this rank's shard)."""
+    if is_dtensor(t) or getattr(t, "_is_flat_param", False):
+        return True
+    return bool(getattr(t, "_fsdp_flattened", False)) and t.dim() <= 1
 
 
 class LocalState(MutableMapping):

@@ -3,6 +3,8 @@
 - FSDP2: the DTensor parameters carry their own sharding, so the layout is built from them alone.
 - DeepSpeed ZeRO: the ZeRO optimizer calls our ``step()`` from its ``_optimizer_step``; the caller's frame
   holds it, and with it the partitions' metadata.
+- FSDP1: the FSDP modules built since ``import hf_adamp`` are known; the one holding the optimizer's flat
+  parameters (or their original parameters) gives the layout.
 Anything else is left alone: the optimizer then raises its clear "no sharding layout" error.
 """
 
@@ -13,6 +15,7 @@ from typing import Any
 
 from .deepspeed import attach_deepspeed, is_zero_optimizer
 from .fsdp import attach_fsdp2, has_dtensors
+from .fsdp1 import attach_fsdp1, find_fsdp1_model
 
 _MAX_FRAMES = 12  # step() wrappers (no_grad, profiling hooks) sit between the engine and us
 
@@ -37,5 +40,9 @@ def auto_attach(optimizer: Any) -> bool:
     zero_opt = _calling_zero_optimizer(optimizer)
     if zero_opt is not None:
         attach_deepspeed(zero_opt, optimizer)
+        return True
+    fsdp1_model = find_fsdp1_model(optimizer)
+    if fsdp1_model is not None:
+        attach_fsdp1(fsdp1_model, optimizer)
         return True
     return False

@@ -63,9 +63,16 @@ class WeightNormSummary:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, max_lines: int | None = None) -> str:
+        """The summary; with ``max_lines``, each of the wrapped and skipped lists is cut to that many lines."""
         lines = [f"weight norm ({self.family or 'custom rule'}): {len(self.wrapped)} modules wrapped"]
-        lines += [f"  wrapped  {name}  [{layout}]" for name, layout in self.wrapped.items()]
-        lines += [f"  skipped  {name}  ({reason})" for name, reason in self.skipped.items()]
+        for verb, entries, brackets in (("wrapped", self.wrapped, "[]"), ("skipped", self.skipped, "()")):
+            shown = list(entries.items())[:max_lines]
+            lines += [f"  {verb}  {name}  {brackets[0]}{note}{brackets[1]}" for name, note in shown]
+            if len(shown) < len(entries):
+                lines.append(f"  ... and {len(entries) - len(shown)} more {verb}")
         return "\n".join(lines)
 
 
@@ -118,12 +125,6 @@ def _skip_reason(model: nn.Module, module: nn.Module, shared: set[int]) -> str |
     if parametrize.is_parametrized(module, "weight"):
         return "already parametrized" if not is_weight_normed(module) else "already weight-normalised"
     weight = module.weight
-    if hasattr(weight, "ds_id"):
-        raise ValueError(
-            "apply_weight_norm: the model's parameters are already partitioned by DeepSpeed ZeRO-3 "
-            "(built under deepspeed.zero.Init). Build the model outside zero.Init and apply weight norm "
-            "before deepspeed.initialize; DeepSpeed then partitions g and v itself."
-        )
     if id(weight) in shared:
         return "tied weight"
     if weight.is_meta:
@@ -152,6 +153,9 @@ def apply_weight_norm(
 
     The LM head, tied weights, embeddings and norms are never wrapped. Outputs are unchanged up to
     rounding. Returns a summary (also logged at INFO); ``model.save_pretrained`` writes plain weights.
+    Call it before ``deepspeed.initialize`` / ``fully_shard``. A model built under DeepSpeed's ``zero.Init``
+    (ZeRO-3) is wrapped one module at a time from its gathered weights, on every rank together, and g and v
+    are partitioned as the weights were.
     """
     if conv1d_layout not in ("out_in", "in_out"):
         raise ValueError(f"conv1d_layout must be 'out_in' or 'in_out', got {conv1d_layout!r}")
@@ -186,6 +190,22 @@ def apply_weight_norm(
 
 
 def _wrap(module: nn.Module, conv1d_layout: Conv1DLayout) -> str:
+    weight = module.weight
+    if not hasattr(weight, "ds_id"):
+        return _wrap_full(module, conv1d_layout)
+    # DeepSpeed ZeRO-3 (a model built under zero.Init): this rank holds a slice of the weight, so g and v computed
+    # from it would be garbage (DeepSpeed issue #1045). Gather the whole weight, wrap, and partition g and v
+    # like the weight, before its full copy is released: every rank computes the same g and v.
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        layout = _wrap_full(module, conv1d_layout)
+        wrapped = module.parametrizations["weight"]
+        weight.convert_to_zero_parameters(param_list=[wrapped.original0, wrapped.original1])
+    return f"{layout}; ZeRO-3: gathered, wrapped, re-partitioned"
+
+
+def _wrap_full(module: nn.Module, conv1d_layout: Conv1DLayout) -> str:
     if isinstance(module, Conv1D):
         if conv1d_layout == "out_in":
             parametrize.register_parametrization(module, "weight", TransposedWeightNorm())
