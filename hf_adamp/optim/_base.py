@@ -244,15 +244,12 @@ class ProjectedOptimizer(Optimizer):
 
     # ----- which tensors the user gave, so tensors an engine swapped in are recognised -----
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        if isinstance(params, Tensor):
-            params = [params]
-        elif not isinstance(params, set):  # torch refuses sets itself
-            params = list(params)
-        param_group["params"] = params
-        tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # (name, tensor) pairs too
-        if len({id(p) for p in tensors}) != len(tensors):
-            raise ValueError(self._duplicates_message())
+        params = param_group.get("params") if isinstance(param_group, dict) else None  # torch refuses non-dicts
+        if params is not None and not isinstance(params, set):  # and sets
+            params = param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # (name, tensor) pairs too
+            if len({id(p) for p in tensors}) != len(tensors):
+                raise ValueError(self._duplicates_message())
         super().add_param_group(param_group)
         self._record_given()
         if "_contexts" in self.__dict__:
