@@ -133,27 +133,21 @@ def errors_radam(device, dtype):
     return common_optimizers.optim_error_inputs_func_radam(device, dtype)
 
 
+def info(cls, inputs, errors, complex_ok):
+    # foreach is the one global flag these classes have (no fused, no differentiable, no capturable)
+    return OptimizerInfo(
+        cls,
+        optim_inputs_func=inputs,
+        optim_error_inputs_func=errors,
+        supported_impls=("foreach",),
+        supports_complex=complex_ok,
+    )
+
+
 OPTIM_DB = [
-    OptimizerInfo(
-        hf_adamp.AdamP,
-        optim_inputs_func=inputs_adamp,
-        optim_error_inputs_func=errors_adamp,
-        supported_impls=("foreach",),
-        supports_complex=False,
-    ),
-    OptimizerInfo(
-        hf_adamp.SGDP,
-        optim_inputs_func=inputs_sgdp,
-        optim_error_inputs_func=errors_sgdp,
-        supported_impls=("foreach",),
-        supports_complex=False,
-    ),
-    OptimizerInfo(
-        hf_adamp.RAdam,
-        optim_inputs_func=inputs_radam,
-        optim_error_inputs_func=errors_radam,
-        supported_impls=("foreach",),
-    ),
+    info(hf_adamp.AdamP, inputs_adamp, errors_adamp, complex_ok=False),
+    info(hf_adamp.SGDP, inputs_sgdp, errors_sgdp, complex_ok=False),
+    info(hf_adamp.RAdam, inputs_radam, errors_radam, complex_ok=True),
 ]
 DEVICE = "cpu"
 
