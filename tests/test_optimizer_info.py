@@ -133,7 +133,7 @@ def errors_radam(device, dtype):
     return common_optimizers.optim_error_inputs_func_radam(device, dtype)
 
 
-def info(cls, inputs, errors, complex_ok):
+def entry(cls, inputs, errors, complex_ok):
     # foreach is the one global flag these classes have (no fused, no differentiable, no capturable)
     return OptimizerInfo(
         cls,
@@ -145,9 +145,9 @@ def info(cls, inputs, errors, complex_ok):
 
 
 OPTIM_DB = [
-    info(hf_adamp.AdamP, inputs_adamp, errors_adamp, complex_ok=False),
-    info(hf_adamp.SGDP, inputs_sgdp, errors_sgdp, complex_ok=False),
-    info(hf_adamp.RAdam, inputs_radam, errors_radam, complex_ok=True),
+    entry(hf_adamp.AdamP, inputs_adamp, errors_adamp, complex_ok=False),
+    entry(hf_adamp.SGDP, inputs_sgdp, errors_sgdp, complex_ok=False),
+    entry(hf_adamp.RAdam, inputs_radam, errors_radam, complex_ok=True),
 ]
 DEVICE = "cpu"
 
