@@ -362,6 +362,26 @@ def test_lower_precision_tracks_float64(info, inp, dtype):
         torch.testing.assert_close(p.double(), w, rtol=tol, atol=tol)
 
 
+def strided_like(p):
+    """``p``'s values in a non-contiguous parameter: transposed (2-D matrices), else every other element of a
+    wider one."""
+    if p.dim() == 2 and min(p.shape) > 1:
+        out = torch.empty(p.shape[::-1], dtype=p.dtype).t()
+    else:
+        out = torch.empty(*p.shape[:-1], 2 * p.shape[-1], dtype=p.dtype)[..., ::2]
+    return Parameter(out.copy_(p.detach()))
+
+
+@pytest.mark.parametrize("info,inp", list(cases()))
+def test_strided_params_step_like_contiguous_ones(info, inp):
+    dense = make_params()
+    strided = [strided_like(p) for p in dense]
+    assert not any(p.is_contiguous() for p in strided)
+    train(build(info, inp, dense), dense, 4)
+    train(build(info, inp, strided), strided, 4)
+    assert_same(strided, dense, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("info,inp", list(cases()))
 def test_params_without_grads_are_left_alone(info, inp):
     params = make_params()

@@ -98,7 +98,7 @@ class Item:
     scalars: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # within a step: the plain path's whole-tensor update
     specs: list[ParamSpec] = field(default_factory=list)  # the step's parameter slots (full shapes)
-    target: Tensor | None = None  # a strided parameter whose dense working copy ``param`` is
+    target: Tensor | None = None  # the strided parameter that ``param`` is a dense working copy of
 
 
 @dataclass
