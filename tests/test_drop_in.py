@@ -212,6 +212,20 @@ def test_non_finite_gradient_element_does_not_spread_to_its_row(path, name, bad)
     torch.testing.assert_close(p[finite], r[finite], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_non_finite_gradient_element_under_fsdp2_stays_in_its_element(tmp_path, monkeypatch):
+    from _dist_helpers import run_ranks
+    from _fsdp_workers import nan_gradient_element
+
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(_fused.SPECULATE_ENV, raising=False)
+    out = run_ranks(nan_gradient_element, 2, tmp_path, timeout=240)
+    for rank in out:  # the reference (one process) has 1 NaN weight and 1 NaN moment
+        assert rank["speculated"], "fc1 should have been channel-projected before"
+        assert rank["nan_weights"] == 1 and rank["nan_exp_avg"] == 1
+
+
 # ----- 8. extreme but finite magnitudes: sums that overflow fp32 -----
 # The control is the reference run in fp64: its own fp32 run overflows in places too (torch's fp32 norms).
 def run_against_fp64_reference(name, base, grad_fn, steps, path, **kw):
