@@ -6,8 +6,8 @@ The entries (constructor inputs, error inputs, schedulers, supported flags) use 
 closures, direction, dtypes), on CPU, with ``foreach`` True and False. Inputs use ``delta=1`` where they should
 make the projection happen on these small matrices; the foreach check asserts that it did.
 
-Skipped, each with its reason (``SKIPS``): torch's "duplicate parameters" error input expects a UserWarning, and
-hf_adamp raises a ValueError with the same words instead (README, "Drop-in").
+Skipped, each with its reason (``SKIPS``): for AdamP and SGDP, torch's "duplicate parameters" error input, which
+expects a UserWarning, where they raise a ValueError with the same words (README, "Drop-in").
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ from torch.testing._internal.common_optimizers import (  # noqa: E402
 
 import hf_adamp  # noqa: E402
 
-# Error inputs of torch's generic list that hf_adamp answers differently on purpose, by description.
-SKIPS = {
-    "a param group cannot have duplicate parameters": "hf_adamp refuses a duplicated parameter with a ValueError "
-    "(same words as torch's UserWarning); torch steps it twice",
-}
+# Error inputs of torch's generic list that hf_adamp answers differently on purpose: (optimizer, description).
+_DUPLICATES = "a param group cannot have duplicate parameters"
+_DUPLICATES_REASON = (
+    "hf_adamp refuses a duplicated parameter with a ValueError (same words as torch's UserWarning); torch steps it "
+    "twice"
+)
+SKIPS = {("AdamP", _DUPLICATES): _DUPLICATES_REASON, ("SGDP", _DUPLICATES): _DUPLICATES_REASON}
 
 
 def inputs_adamp(device, dtype=None):
@@ -165,7 +167,8 @@ def error_cases():
     for info in OPTIM_DB:
         for err in info.optim_error_inputs_func(DEVICE, torch.float32):
             desc = err.optimizer_error_input.desc
-            marks = [pytest.mark.skip(reason=SKIPS[desc])] if desc in SKIPS else []
+            reason = SKIPS.get((info.name, desc))
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
             yield pytest.param(info, err, id=f"{info.name}-{desc}", marks=marks)
 
 
