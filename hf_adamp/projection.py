@@ -38,6 +38,8 @@ def accumulate_row_sums(out: Tensor, g: Tensor, p: Tensor, u: Tensor, scratch: T
 
     ``scratch`` is an optional buffer of the blocks' shape and dtype, so large blocks need no temporary.
     """
+    if g.dtype != out.dtype:  # products in the sums' dtype: fp32 ones overflow where the sums do not
+        g, p, u, scratch = g.to(out.dtype), p.to(out.dtype), u.to(out.dtype), None
     prod = torch.empty_like(g) if scratch is None else scratch
     for row, (a, b) in ((GP, (g, p)), (GG, (g, g)), (PP, (p, p)), (PU, (p, u))):
         torch.mul(a, b, out=prod)
@@ -49,12 +51,25 @@ def write_row_sums(out: Tensor, g: Tensor, p: Tensor, u: Tensor, scratch: Tensor
 
     Norms give g.g and p.p without a product pass; ``scratch`` (the blocks' shape) holds the products.
     Each buffer row is written by exactly one block per rank (a rank holds at most one piece of a row).
+    Blocks narrower than the sums are widened first (fp32 products and norms overflow at |g| or |p| ~ 1e19).
     """
+    if g.dtype != out.dtype:
+        g, p, u = g.to(out.dtype), p.to(out.dtype), u.to(out.dtype)
+        scratch = torch.empty_like(g)
     torch.sum(torch.mul(g, p, out=scratch), dim=1, dtype=out.dtype, out=out[GP])
     torch.linalg.vector_norm(g, dim=1, dtype=out.dtype, out=out[GG])
     torch.linalg.vector_norm(p, dim=1, dtype=out.dtype, out=out[PP])
     torch.sum(torch.mul(p, u, out=scratch), dim=1, dtype=out.dtype, out=out[PU])
     out[GG : PP + 1].square_()
+
+
+def subtract_projection(u: Tensor, p: Tensor, coef: Tensor, scratch: Tensor | None = None) -> None:
+    """``u -= p * coef`` row by row (``coef``: (rows,)), leaving rows whose coefficient is 0 (not projected)
+    untouched: a non-finite weight must not turn its row's update into NaN there (Inf * 0), as in the reference.
+    ``scratch`` is an optional buffer of ``p``'s shape and ``u``'s dtype."""
+    c = coef[:, None]
+    prod = torch.mul(p, c) if scratch is None else torch.mul(p, c, out=scratch)
+    u.sub_(prod.masked_fill_(c == 0, 0))
 
 
 @dataclass

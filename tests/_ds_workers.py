@@ -136,3 +136,42 @@ def run_all(rank: int, world: int, configs: dict[str, dict]) -> dict[str, dict]:
         except RuntimeError as e:
             out[key] = dict(error=str(e))
     return out
+
+
+def train_bf16_stage0(rank: int, world: int, opt: str) -> dict:
+    """ZeRO stage 0 with bf16: DeepSpeed wraps the client optimizer in FP16_UnfusedOptimizer, which hands it
+    full-shape fp32 copies of the parameters. Returns those fp32 master weights after training, by name."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    model = make_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    if opt == "ours":
+        optimizer = hf_adamp.AdamP(param_groups(model), lr=LR)
+    else:
+        optimizer = adamp.AdamP(param_groups(model), lr=LR)
+    cfg = zero_config(0)
+    cfg["bf16"] = {"enabled": True}
+    engine, wrapper, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    decisions: dict[str, set[str]] = {}
+    for step in range(STEPS):
+        x, y = batch(step, world)
+        x, y = x[rank * MICRO : (rank + 1) * MICRO], y[rank * MICRO : (rank + 1) * MICRO]
+        loss = F.mse_loss(engine(x.to(torch.bfloat16)).float(), y)
+        engine.backward(loss)
+        engine.step()
+        if opt == "ours":
+            for key, kind in optimizer.projection_decisions().items():
+                decisions.setdefault(tuple(key.shape), set()).add(kind)
+    masters = [p for group in optimizer.param_groups for p in group["params"]]
+    originals = [p for group in wrapper.fp16_groups for p in group]
+    return dict(
+        wrapper=type(wrapper).__name__,
+        masters={names[id(o)]: m.detach().clone() for o, m in zip(originals, masters)},
+        decisions=decisions,
+    )
+
+
+def bf16_stage0_both(rank: int, world: int) -> dict:
+    """train_bf16_stage0 with our AdamP and with the reference, in the same ranks."""
+    return {opt: train_bf16_stage0(rank, world, opt) for opt in ("ours", "reference")}

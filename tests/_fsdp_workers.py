@@ -53,3 +53,33 @@ def run_all(rank: int, world: int, configs: dict[str, dict]) -> dict[str, dict]:
     finally:
         dist.destroy_process_group()
     return out
+
+
+def nan_gradient_element(rank: int, world: int) -> dict:
+    """AdamP under FSDP2 for STEPS steps, with one NaN element in fc1's gradient (rank 0's shard) at the last step,
+    after channel-projected steps (so the fused kernels speculate "channel"). Returns the NaN counts of the full
+    weight and first moment."""
+    dist.init_process_group("gloo")
+    try:
+        model = make_model()
+        for module in (model.fc1, model.fc2, model.fc3, model.gate):
+            fully_shard(module)
+        fully_shard(model)
+        optimizer = hf_adamp.AdamP(param_groups(model), lr=LR)
+        for step in range(STEPS):
+            x, y = batch(step, world)
+            x, y = x[rank * MICRO : (rank + 1) * MICRO], y[rank * MICRO : (rank + 1) * MICRO]
+            optimizer.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            if step == STEPS - 1 and rank == 0:
+                model.fc1.weight.grad.to_local()[2, 3] = float("nan")
+            optimizer.step()
+        weight = model.fc1.weight
+        out = dict(
+            nan_weights=int(weight.full_tensor().isnan().sum()),
+            nan_exp_avg=int(optimizer.state[weight]["exp_avg"].full_tensor().isnan().sum()),
+            speculated=any(v for v in optimizer.state[weight].get("last_projection", [])),
+        )
+    finally:
+        dist.destroy_process_group()
+    return out

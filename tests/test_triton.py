@@ -212,3 +212,22 @@ def test_cpu_tensors_need_the_test_switch(spy, monkeypatch):
     p.grad = torch.randn(4, 8)
     hf_adamp.SGDP([p], lr=0.1, momentum=0.9).step()
     assert not spy.calls
+
+
+@inner
+@pytest.mark.parametrize("name", ["AdamP", "SGDP"])
+def test_inf_weight_element_stays_inf(spy, name):
+    base = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    base[1, 3] = float("inf")
+    p, r = base.clone().requires_grad_(), base.clone().requires_grad_()
+    kw = dict(lr=0.01, weight_decay=0.1) if name == "AdamP" else dict(lr=0.01, momentum=0.9, weight_decay=0.1)
+    ours, ref = getattr(hf_adamp, name)([p], **kw), getattr(adamp, name)([r], **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        g = torch.randn(base.shape, generator=gen)
+        p.grad, r.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert spy.used(kind(name))
+    assert torch.isinf(r[1, 3]) and torch.equal(torch.isnan(p), torch.isnan(r))
+    torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)

@@ -74,6 +74,15 @@ inline T row_coef(bool stats_double, const double* acc, double eps) {
   return stats_double ? channel_coef<double, T>(acc[2], acc[3], eps) : channel_coef<float, T>(acc[2], acc[3], eps);
 }
 
+// The coefficient a channel guess applies. A non-finite one (a NaN/Inf gradient or weight element in the row)
+// fails the decision's cosine test, so the guess takes the row as unprojected: applied, it would spread the one
+// bad element over the whole row, and the repair (from a NaN factor) could not undo it.
+template <typename T>
+inline T guessed_coef(bool stats_double, const double* acc, double eps) {
+  const T c = row_coef<T>(stats_double, acc, eps);
+  return std::isfinite(c) ? c : T(0);
+}
+
 // Where pass 1 adds each row's four sums: stats[:, row0 + r] of the (4, total_rows) buffer, float or double. Each
 // row is summed by one thread, so the rows are written straight from the row loop (no buffer to allocate).
 struct StatsOut {
@@ -110,24 +119,25 @@ inline double lane_sum(T* a) {
   return a[0];
 }
 
-// Row sums of elem(j, gp, gg, pp, pu) over [lo, hi), added into out[4]. Accumulates in T over short blocks
+// Row sums of elem(j, gp, gg, pp, pu) over [lo, hi), added into out[4]. Accumulates in A over short blocks
 // with per-lane accumulators (vectorises without reassociation flags), then in double across blocks, so long
-// rows keep double-like accuracy. The lanes are summed by halving: a lane-by-lane scalar sum cost a fifth of
+// rows keep double-like accuracy. The passes use A = double with products in double: fp32 products and sums
+// overflow where the reference's normalised sums do not (|g| or |p| ~ 1e19). The lanes are summed by halving: a lane-by-lane scalar sum cost a fifth of
 // the whole pass on rows of 768.
-template <typename T, typename F>
+template <typename A, typename F>
 inline void blocked_sums(int64_t lo, int64_t hi, double* out, const F& elem) {
-  constexpr int L = 64 / sizeof(T);  // lanes: two AVX2 vectors
+  constexpr int L = 64 / sizeof(A);  // lanes: two AVX2 vectors
   for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
     const int64_t be = std::min(hi, b0 + kBlock);
-    T a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
+    A a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
     int64_t j = b0;
     for (; j + L <= be; j += L) {
 #pragma omp simd
       for (int l = 0; l < L; ++l) elem(j + l, a0[l], a1[l], a2[l], a3[l]);
     }
     for (; j < be; ++j) elem(j, a0[0], a1[0], a2[0], a3[0]);
-    out[0] += lane_sum<T, L>(a0), out[1] += lane_sum<T, L>(a1);
-    out[2] += lane_sum<T, L>(a2), out[3] += lane_sum<T, L>(a3);
+    out[0] += lane_sum<A, L>(a0), out[1] += lane_sum<A, L>(a1);
+    out[2] += lane_sum<A, L>(a2), out[3] += lane_sum<A, L>(a3);
   }
 }
 
@@ -167,24 +177,24 @@ void adam_pass1_rows(const P* g, P* p, T* m, T* v, int64_t r0, int64_t r1, int64
   for (int64_t r = r0; r < r1; ++r) {
     double acc[4] = {0, 0, 0, 0};
     const int64_t base = r * len;
-    blocked_sums<T>(base, base + len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+    blocked_sums<double>(base, base + len, acc, [&](int64_t j, double& gp, double& gg, double& pp, double& pu) {
       T gj, uj;
       moments(j, gj, uj);
       const T pj = up<T>(p[j]);
-      gp = madd(gj, pj, gp);  // FMA in the sums only (see madd)
-      gg = madd(gj, gj, gg);
-      pp = madd(pj, pj, pp);
-      pu = madd(pj, uj, pu);
+      gp = madd<double>(gj, pj, gp);  // FMA in the sums only (see madd)
+      gg = madd<double>(gj, gj, gg);
+      pp = madd<double>(pj, pj, pp);
+      pu = madd<double>(pj, uj, pu);
       if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - step * uj);
       if (MODE == kSpecChannel) u[j - base] = uj;
     });
     if constexpr (MODE == kSpecChannel) {  // the same expression as pass 2's, with this row's coefficient
-      const T c = row_coef<T>(stats_double, acc, s.eps);
+      const T c = guessed_coef<T>(stats_double, acc, s.eps);
       spec_coef[r] = c;
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) {
         const T pj = up<T>(p[base + k]);
-        p[base + k] = static_cast<P>(pj * decay - step * (u[k] - pj * c));
+        p[base + k] = static_cast<P>(pj * decay - step * (c == 0 ? u[k] : u[k] - pj * c));
       }
     }
     sums.add(r, acc);
@@ -228,9 +238,9 @@ int64_t adam_pass2_rows(const P* g, P* p, const T* m, const T* v, const T* coef,
       const T uj = num / (std::sqrt(v[j]) + eps);
       const T pj = up<T>(p[j]);
       if constexpr (REPAIR != kApply) {
-        p[j] = static_cast<P>(pj + k * (pj + step * uj));
+        p[j] = static_cast<P>(std::isfinite(pj) ? pj + k * (pj + step * uj) : pj);
       } else {
-        p[j] = static_cast<P>(pj * d - step * (uj - pj * c));
+        p[j] = static_cast<P>(pj * d - step * (c == 0 ? uj : uj - pj * c));
       }
     }
   }
@@ -261,26 +271,26 @@ void sgd_pass1_rows(const P* g, P* p, T* b, int64_t r0, int64_t r1, int64_t len,
   for (int64_t r = r0; r < r1; ++r) {
     double acc[4] = {0, 0, 0, 0};
     const int64_t base = r * len;
-    blocked_sums<T>(base, base + len, acc, [&](int64_t j, T& gp, T& gg, T& pp, T& pu) {
+    blocked_sums<double>(base, base + len, acc, [&](int64_t j, double& gp, double& gg, double& pp, double& pu) {
       T gj, dj;
       momentum(j, gj, dj);
       const T pj = up<T>(p[j]);
-      gp = madd(gj, pj, gp);  // FMA in the sums only (see madd)
-      gg = madd(gj, gj, gg);
-      pp = madd(pj, pj, pp);
-      pu = madd(pj, dj, pu);
+      gp = madd<double>(gj, pj, gp);  // FMA in the sums only (see madd)
+      gg = madd<double>(gj, gj, gg);
+      pp = madd<double>(pj, pj, pp);
+      pu = madd<double>(pj, dj, pu);
       if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - lr * dj);
       if (MODE == kSpecChannel) u[j - base] = dj;
     });
     if constexpr (MODE == kSpecChannel) {  // pass 2's expression; without Nesterov the buffer takes the projection
-      const T c = row_coef<T>(stats_double, acc, s.eps);
+      const T c = guessed_coef<T>(stats_double, acc, s.eps);
       spec_coef[r] = c;
       auto apply = [&](auto projected) {  // the branch hoisted out of the loop, so that it vectorises
 #pragma omp simd
         for (int64_t k = 0; k < len; ++k) {
           const T pj = up<T>(p[base + k]);
-          const T dp = u[k] - pj * c;
-          if constexpr (kBufferLater) b[base + k] = decltype(projected)::value ? dp : u[k];
+          const T dp = decltype(projected)::value ? u[k] - pj * c : u[k];
+          if constexpr (kBufferLater) b[base + k] = dp;
           p[base + k] = static_cast<P>(pj * decay - lr * dp);
         }
       };
@@ -327,9 +337,9 @@ int64_t sgd_pass2_rows(const P* g, P* p, T* b, const T* coef, const T* spec_coef
         if constexpr (REPAIR != kApply) {
           const T xj = pj + lr * dj;
           if (kWrite) b[j] = bj + q * xj;
-          p[j] = static_cast<P>(pj + k * xj);
+          p[j] = static_cast<P>(std::isfinite(pj) ? pj + k * xj : pj);
         } else {
-          const T dp = dj - pj * c;
+          const T dp = c == 0 ? dj : dj - pj * c;
           if (kWrite) b[j] = dp;
           p[j] = static_cast<P>(pj * d - lr * dp);
         }

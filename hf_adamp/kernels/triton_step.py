@@ -144,7 +144,8 @@ def _adam_second(
         num = m
     u = num / (tl.sqrt(v) + eps_s)
     p = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    p_new = p * d - step * (u - p * coef[:, None])
+    # an unprojected row never multiplies the weight by its coefficient 0: Inf * 0 would turn an Inf weight NaN
+    p_new = p * d - step * tl.where(coef[:, None] == 0.0, u, u - p * coef[:, None])
     tl.store(p_ptr + off, p_new.to(p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -182,7 +183,7 @@ def _sgd_second(
     else:
         u = b
     p = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    u = u - p * coef[:, None]
+    u = tl.where(coef[:, None] == 0.0, u, u - p * coef[:, None])  # as in _adam_second
     if not NEST:
         # the reference's quirk: without Nesterov the update is the buffer, projected in place
         tl.store(b_ptr + off, u, mask=mask & (coef != 0.0)[:, None])

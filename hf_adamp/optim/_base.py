@@ -40,23 +40,45 @@ _WHOLE = 1 << 62
 Reducer = Callable[[Tensor], None]
 
 
+# torch's wording where torch's optimizers make the same check, so code matching their messages keeps working
+_TORCH_NAMES = {
+    "lr": "learning rate",
+    "eps": "epsilon value",
+    "weight_decay": "weight_decay value",
+    "momentum": "momentum value",
+}
+
+
+def _described(name: str) -> str:
+    if name.startswith("betas["):
+        return f"beta parameter at index {name[6:-1]}"
+    return _TORCH_NAMES.get(name, name)
+
+
 def check_non_negative(name: str, value: Any) -> None:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element (got a tensor of shape {tuple(value.shape)})")
         value = value.item()
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__}")
+        raise TypeError(f"Invalid {_described(name)}: {name} must be a number, got {type(value).__name__}")
     if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+        raise ValueError(f"Invalid {_described(name)}: {value} ({name} must be >= 0)")
 
 
 def check_range(name: str, value: Any, low: float, high: float, high_inclusive: bool) -> None:
     check_non_negative(name, value)
+    value = value.item() if isinstance(value, Tensor) else value
     ok = low <= value <= high if high_inclusive else low <= value < high
     if not ok:
         bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"Invalid {name}: {value} (must be in [{low}, {high}{bracket})")
+        raise ValueError(f"Invalid {_described(name)}: {value} ({name} must be in [{low}, {high}{bracket})")
+
+
+def lr_of(group: dict[str, Any]) -> float:
+    """The group's learning rate as a number (a tensor lr of any 1-element shape is read once per step)."""
+    lr = group["lr"]
+    return lr.item() if isinstance(lr, Tensor) else lr
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -76,6 +98,7 @@ class Item:
     scalars: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # within a step: the plain path's whole-tensor update
     specs: list[ParamSpec] = field(default_factory=list)  # the step's parameter slots (full shapes)
+    target: Tensor | None = None  # the strided parameter that ``param`` is a dense working copy of
 
 
 @dataclass
@@ -221,6 +244,12 @@ class ProjectedOptimizer(Optimizer):
 
     # ----- which tensors the user gave, so tensors an engine swapped in are recognised -----
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group.get("params") if isinstance(param_group, dict) else None  # torch refuses non-dicts
+        if params is not None and not isinstance(params, set):  # and sets
+            params = param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # (name, tensor) pairs too
+            if len({id(p) for p in tensors}) != len(tensors):
+                raise ValueError(self._duplicates_message())
         super().add_param_group(param_group)
         self._record_given()
         if "_contexts" in self.__dict__:
@@ -241,24 +270,37 @@ class ProjectedOptimizer(Optimizer):
         multi = any(p.dim() > 1 for g in self.param_groups for p in g["params"])
         self.__dict__["_given_multi_dim"] = multi or self.__dict__.get("_given_multi_dim", False)
 
+    def _duplicates_message(self) -> str:
+        return (
+            f"{type(self).__name__}: a parameter group with duplicate parameters (the same tensor listed twice). "
+            "torch's optimizers warn and step such a tensor twice; hf_adamp refuses it, since the projection "
+            "decides once per parameter. List each parameter once."
+        )
+
     def _was_given(self, p: Tensor) -> bool:
         ref = self._given.get(id(p))
         return ref is not None and ref() is p
 
+    def _engine_made(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` looks like a tensor a sharding engine put in place of the user's: a shard, or a flat
+        tensor we were not given in a group that holds none of the given ones (engines replace a group's whole
+        list; a tensor the user appended to a group by hand sits beside the given ones)."""
+        if is_sharded_tensor(p):
+            return True
+        if self._was_given(p) or p.dim() > 1 or not self._given_multi_dim:
+            return False
+        return not any(self._was_given(q) for q in group["params"])
+
     def _engine_replaced_tensors(self) -> bool:
         """Whether a sharding engine put tensors of its own (flat partitions, DTensors) in param_groups."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if is_sharded_tensor(p) or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
-                    return True
-        return False
+        return any(self._engine_made(p, group) for group in self.param_groups for p in group["params"])
 
-    def _check_unsharded(self, p: Tensor) -> None:
+    def _check_unsharded(self, p: Tensor, group: dict[str, Any]) -> None:
         """Refuse a tensor that a sharding engine put in place of the user's parameters, when no layout maps
         it: treating a flat partition or a local shard as a parameter would silently turn off the projection
         (AdamP would act as AdamW)."""
         sharded = is_sharded_tensor(p)
-        if sharded or (not self._was_given(p) and p.dim() <= 1 and self._given_multi_dim):
+        if self._engine_made(p, group):
             if is_dtensor(p):
                 kind = "a DTensor (FSDP2 shard)"
             elif getattr(p, "_is_flat_param", False):
@@ -330,6 +372,9 @@ class ProjectedOptimizer(Optimizer):
             return loss
         try:
             self._step_phases(ctx, sharded)
+            for item in ctx.items:
+                if item.target is not None:
+                    item.target.copy_(item.param)
         finally:
             ctx.release()
         return loss
@@ -390,8 +435,11 @@ class ProjectedOptimizer(Optimizer):
         items, specs, slot_groups, keys, reusable = self._collect(layout)
         # dtype and device from all tensors, not only those with gradients, so every rank agrees
         tensors = [p for group in self.param_groups for p in group["params"]]
-        stats_dtype = torch.float64 if any(state_dtype(p) == torch.float64 for p in tensors) else torch.float32
         device = tensors[0].device if tensors else torch.device("cpu")
+        # the sums in fp64 on CPU: fp32 ones overflow at |g| or |p| ~ 1e19, where the reference's normalised sums
+        # do not (on accelerators fp32, the Triton kernels' accumulators)
+        wide = device.type == "cpu" or any(state_dtype(p) == torch.float64 for p in tensors)
+        stats_dtype = torch.float64 if wide else torch.float32
         on_kernels, others = self._split_kernel_items(items)
         # a slot with no local piece is not applied here; give it this step's group so ranks report alike
         fallback = next((g for g in slot_groups if g is not None), self.defaults)
@@ -470,13 +518,17 @@ class ProjectedOptimizer(Optimizer):
         slot_groups: list[dict[str, Any] | None] = [None] * len(specs)
         keys: list[Any] = [] if layout is None else [s.name for s in specs]
         offset = 0
+        seen: set[int] = set()
         for group in self.param_groups:
             for p in group["params"]:
+                if id(p) in seen:  # appended by hand: add_param_group refuses them
+                    raise ValueError(self._duplicates_message())
+                seen.add(id(p))
                 if p.grad is None:
                     continue
                 self._check_tensor(p)
                 if layout is None:
-                    self._check_unsharded(p)
+                    self._check_unsharded(p, group)
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)  # a DTensor's state is DTensors too (checkpointable)
@@ -503,10 +555,15 @@ class ProjectedOptimizer(Optimizer):
                 if is_dtensor(p):  # FSDP2: the step works on this rank's shard (its layout says which rows)
                     p, grad, state = p.to_local(), grad.to_local(), LocalState(state)
                     reusable = False
+                target = None
+                if not rows_dense(p):  # a strided view: the step works on a dense copy, written back after it
+                    target, p, grad = p, p.contiguous(), grad.contiguous()
+                    _make_state_dense(state, p.shape)
+                    reusable = False
                 if grad.stride() != p.stride():
                     grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
                     reusable = False
-                items.append(Item(p, grad, state, group, segments, specs=specs))
+                items.append(Item(p, grad, state, group, segments, specs=specs, target=target))
         return items, specs, slot_groups, keys, reusable
 
     def _unsharded_segments(
@@ -555,7 +612,7 @@ class ProjectedOptimizer(Optimizer):
         """Per-slot hyperparameters as tensors, then the batched decision, decay multipliers and lr."""
         dtype, device = stats.dtype, stats.device
         # per group, then gathered per slot: delta, eps, lr, decay factors (not projected, projected)
-        values = [(g["delta"], g["eps"], g["lr"], *self._decay_factors(g)) for g in ctx.groups_of_slots]
+        values = [(g["delta"], g["eps"], lr_of(g), *self._decay_factors(g)) for g in ctx.groups_of_slots]
         delta, eps, lr, plain, projected = torch.tensor(values, dtype=torch.float64)[ctx.slot_group].T.contiguous()
         if ctx.kernel_batches and device.type == "cpu":  # the same maths in one C++ loop
             found = kernels.module().decide(stats, ctx.slot_counts, ctx.slot_row_len, ctx.slot_numel, delta, eps)
@@ -694,21 +751,34 @@ class LocalState(MutableMapping):
         return len(self._state)
 
 
-def flat(t: Tensor) -> Tensor:
-    """The tensor's storage as a 1-D view in memory order.
+def rows_dense(t: Tensor) -> bool:
+    """The tensor's elements fill its storage span with the first dimension outermost, so ``flat`` can view it.
 
-    Row sums do not depend on the order inside a row, so any dense layout whose first dimension is
-    outermost works (contiguous, or channels_last for conv weights).
+    Row sums do not depend on the order inside a row, so any such dense layout works (contiguous, or
+    channels_last for conv weights).
     """
     if t.is_contiguous():
+        return True
+    return t.dim() > 1 and t.stride(0) * t.shape[0] == t.numel() and sorted(t.stride())[0] == 1 and _is_dense(t)
+
+
+def flat(t: Tensor) -> Tensor:
+    """The tensor's storage as a 1-D view in memory order (see ``rows_dense``; the step gives other tensors a
+    dense working copy)."""
+    if t.is_contiguous():
         return t.view(-1)
-    n = t.numel()
-    if t.dim() > 1 and t.stride(0) * t.shape[0] == n and sorted(t.stride())[0] == 1 and _is_dense(t):
-        return t.as_strided((n,), (1,))
+    if rows_dense(t):
+        return t.as_strided((t.numel(),), (1,))
     raise RuntimeError(
-        f"hf_adamp: a parameter of shape {tuple(t.shape)} with strides {t.stride()} is not stored densely "
-        "row by row; make it contiguous (param.data = param.data.contiguous())."
+        f"hf_adamp: a tensor of shape {tuple(t.shape)} with strides {t.stride()} is not stored densely row by row"
     )
+
+
+def _make_state_dense(state: MutableMapping[str, Any], shape: torch.Size) -> None:
+    """State tensors of a strided parameter, made contiguous once (they then stay so) for its working copy."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.shape == shape and not rows_dense(value):
+            state[key] = value.contiguous()
 
 
 def _is_dense(t: Tensor) -> bool:

@@ -19,6 +19,7 @@ from ._base import (
     compute_copy,
     flat,
     load_segment,
+    lr_of,
     seg_view,
     state_dtype,
     write_back,
@@ -67,7 +68,7 @@ class AdamP(ProjectedOptimizer):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"Invalid betas: expected a pair of floats, got {betas!r}")
         for i, beta in enumerate(betas):
-            check_range(f"beta parameter at index {i} (betas[{i}])", beta, 0.0, 1.0, high_inclusive=False)
+            check_range(f"betas[{i}]", beta, 0.0, 1.0, high_inclusive=False)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -101,13 +102,13 @@ class AdamP(ProjectedOptimizer):
             beta1=beta1,
             beta2=beta2,
             sqrt_bc2=math.sqrt(bc2),
-            step_size=group["lr"] / bc1,
+            step_size=lr_of(group) / bc1,
             eps=group["eps"],
-            decay=1.0 - group["lr"] * group["weight_decay"],
+            decay=1.0 - lr_of(group) * group["weight_decay"],
         )
 
     def _decay_factors(self, group: dict[str, Any]) -> tuple[float, float]:
-        lr_wd = group["lr"] * group["weight_decay"]
+        lr_wd = lr_of(group) * group["weight_decay"]
         return 1.0 - lr_wd, 1.0 - lr_wd * group["wd_ratio"]
 
     # ----- plain path: whole tensors, in the reference's own order of operations -----
@@ -149,8 +150,7 @@ class AdamP(ProjectedOptimizer):
         for seg in item.segments:
             p_seg = seg_view(f_p, seg)
             if seg.slot >= 0:
-                u_seg = seg_view(f_u, seg)
-                u_seg.sub_(p_seg * coef[seg.stat_row : seg.stat_row + seg.rows, None])
+                projection.subtract_projection(seg_view(f_u, seg), p_seg, coef[seg.stat_row : seg.stat_row + seg.rows])
             if group["weight_decay"] > 0:
                 p_seg.mul_(decay[seg.slot] if seg.slot >= 0 else s["decay"])
         param.add_(update, alpha=-s["step_size"])
@@ -211,7 +211,7 @@ class AdamP(ProjectedOptimizer):
             p = load_segment(seg_view(f_p, seg), p_buf, seg, upcast, False)
             self._direction(u, tmp, m, v, g, s, group["nesterov"])
             # u and the PU sums are both scaled by 1 / sqrt_bc2; the projection is linear in u
-            u.addcmul_(p, coef[seg.stat_row : seg.stat_row + seg.rows, None], value=-1)
+            projection.subtract_projection(u, p, coef[seg.stat_row : seg.stat_row + seg.rows], tmp)
             if group["weight_decay"] > 0:
                 p.mul_(decay[seg.slot])
             p.add_(u, alpha=step)
@@ -226,7 +226,7 @@ class AdamP(ProjectedOptimizer):
         # _prepare's maths: the kernels divide by sqrt(v) + eps * sqrt_bc2 and step by lr / bc1 * sqrt_bc2
         beta1, beta2 = group["betas"]
         sqrt_bc2 = math.sqrt(1.0 - beta2**step)
-        step_size = group["lr"] / (1.0 - beta1**step)
+        step_size = lr_of(group) / (1.0 - beta1**step)
         nesterov, maximize = float(group["nesterov"]), float(group["maximize"])
         return [beta1, beta2, group["eps"] * sqrt_bc2, step_size * sqrt_bc2, decay, group["eps"], nesterov, maximize]
 
@@ -282,7 +282,7 @@ class AdamP(ProjectedOptimizer):
             [],
             [step] * len(params),
             amsgrad=False,
-            lr=group["lr"],
+            lr=lr_of(group),
             beta1=s["beta1"],
             beta2=s["beta2"],
             eps=s["eps"],

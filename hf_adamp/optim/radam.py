@@ -41,3 +41,12 @@ class RAdam(torch.optim.RAdam):
             decoupled_weight_decay=decoupled_weight_decay,
             **kwargs,
         )
+
+    def __setstate__(self, state: dict) -> None:
+        # a group saved without the key (the authors' code, older torch) takes this optimizer's default, not
+        # torch's L2 default, so weight decay stays decoupled after a resume
+        defaults = state.get("defaults") or getattr(self, "defaults", {})
+        decoupled = defaults.get("decoupled_weight_decay", True)
+        for group in state.get("param_groups", ()):
+            group.setdefault("decoupled_weight_decay", decoupled)
+        super().__setstate__(state)

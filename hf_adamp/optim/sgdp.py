@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,6 +20,7 @@ from ._base import (
     compute_copy,
     flat,
     load_segment,
+    lr_of,
     seg_view,
     state_dtype,
     write_back,
@@ -30,12 +32,12 @@ class SGDP(ProjectedOptimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate (required).
+        lr: learning rate: required, here or in every parameter group (as torch's SGD and the reference).
         momentum: momentum factor, in [0, 1).
         dampening: dampening of the gradient added to the momentum buffer, in [0, 1].
         weight_decay: ``p *= 1 - lr * weight_decay * ratio / (1 - momentum)``, with ``ratio = wd_ratio`` on
             parameters whose update was projected and 1 elsewhere (the reference's scaling).
-        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        nesterov: Nesterov momentum (with ``momentum=0`` it changes nothing and warns, as in the reference).
         eps, delta, wd_ratio: as for :class:`hf_adamp.AdamP`.
         maximize, foreach: as for :class:`hf_adamp.AdamP`.
 
@@ -59,17 +61,21 @@ class SGDP(ProjectedOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        if lr is required:
-            raise TypeError("SGDP: lr is required (SGDP(params, lr=...))")
-        check_non_negative("lr", lr)
+        if lr is not required:  # else every group must give its own (torch's add_param_group checks)
+            check_non_negative("lr", lr)
         check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
         check_range("dampening", dampening, 0.0, 1.0, high_inclusive=True)
         check_non_negative("weight_decay", weight_decay)
         check_non_negative("eps", eps)
         check_non_negative("delta", delta)
         check_range("wd_ratio", wd_ratio, 0.0, 1.0, high_inclusive=True)
-        if nesterov and momentum <= 0:
-            raise ValueError("Invalid nesterov: Nesterov momentum needs momentum > 0 (got momentum=0)")
+        if nesterov and momentum == 0:  # accepted, as adamp.SGDP does: the step is then plain SGDP's
+            warnings.warn(
+                "SGDP: nesterov=True has no effect with momentum=0 (the step is plain SGDP's); accepted like "
+                "adamp.SGDP. Set momentum > 0 for Nesterov momentum.",
+                UserWarning,
+                stacklevel=2,
+            )
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -92,12 +98,12 @@ class SGDP(ProjectedOptimizer):
         item.scalars = dict(
             momentum=group["momentum"],
             dampening=group["dampening"],
-            lr=group["lr"],
+            lr=lr_of(group),
             decay=self._decay_factors(group)[0],
         )
 
     def _decay_factors(self, group: dict[str, Any]) -> tuple[float, float]:
-        scaled = group["lr"] * group["weight_decay"] / (1 - group["momentum"])
+        scaled = lr_of(group) * group["weight_decay"] / (1 - group["momentum"])
         return 1.0 - scaled, 1.0 - scaled * group["wd_ratio"]
 
     # ----- plain path -----
@@ -132,7 +138,7 @@ class SGDP(ProjectedOptimizer):
         for seg in item.segments:
             p_seg = seg_view(f_p, seg)
             if seg.slot >= 0:
-                seg_view(f_u, seg).sub_(p_seg * coef[seg.stat_row : seg.stat_row + seg.rows, None])
+                projection.subtract_projection(seg_view(f_u, seg), p_seg, coef[seg.stat_row : seg.stat_row + seg.rows])
             if group["weight_decay"] > 0:
                 p_seg.mul_(decay[seg.slot] if seg.slot >= 0 else s["decay"])
         param.add_(update, alpha=-s["lr"])
@@ -179,11 +185,12 @@ class SGDP(ProjectedOptimizer):
         for seg in item.segments:
             if seg.slot < 0:
                 continue
-            d_buf, _, g_buf, p_buf = self.scratch(dt, f_b.device, 4, seg.rows * seg.row_len)
+            d_buf, tmp, g_buf, p_buf = self.scratch(dt, f_b.device, 4, seg.rows * seg.row_len)
             g = load_segment(seg_view(f_g, seg), g_buf, seg, upcast, group["maximize"]) if group["nesterov"] else None
             d = self._direction(d_buf, seg_view(f_b, seg), g, s, group["nesterov"], seg)
             p = load_segment(seg_view(f_p, seg), p_buf, seg, upcast, False)
-            d.addcmul_(p, coef[seg.stat_row : seg.stat_row + seg.rows, None], value=-1)
+            tmp = tmp.view(seg.rows, seg.row_len)
+            projection.subtract_projection(d, p, coef[seg.stat_row : seg.stat_row + seg.rows], tmp)
             if group["weight_decay"] > 0:
                 p.mul_(decay[seg.slot])
             p.add_(d, alpha=-s["lr"])
@@ -196,7 +203,7 @@ class SGDP(ProjectedOptimizer):
 
     def _kernel_scalars(self, group: dict[str, Any], step: int, decay: float) -> list[float]:
         nesterov, maximize = float(group["nesterov"]), float(group["maximize"])
-        return [group["momentum"], group["dampening"], group["lr"], decay, group["eps"], nesterov, maximize]
+        return [group["momentum"], group["dampening"], lr_of(group), decay, group["eps"], nesterov, maximize]
 
     @staticmethod
     def _direction(out: Tensor, buf: Tensor, grad: Tensor | None, s: dict, nesterov: bool, seg: Any) -> Tensor:

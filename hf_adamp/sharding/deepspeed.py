@@ -77,6 +77,22 @@ def is_zero_optimizer(obj: Any) -> bool:
     return hasattr(obj, "single_partition_of_fp32_groups") or hasattr(obj, "fp32_partitioned_groups_flat")
 
 
+def holds_full_copies(obj: Any) -> bool:
+    """DeepSpeed's FP16_UnfusedOptimizer (ZeRO stage 0 with fp16 or bf16): it replaces each parameter in the
+    client optimizer's groups by a full-shape fp32 copy (``fp32_groups``), no flattening, no partitioning."""
+    return type(obj).__name__ == "FP16_UnfusedOptimizer" and hasattr(obj, "fp32_groups") and hasattr(obj, "fp16_groups")
+
+
+def full_copies_of(wrapper: Any, optimizer: Any) -> bool:
+    """The optimizer's tensors are the wrapper's fp32 copies, with the shapes of the parameters they copy."""
+    copies = [p for group in optimizer.param_groups for p in group["params"]]
+    originals = [p for group in wrapper.fp16_groups for p in group]
+    known = {id(p) for group in wrapper.fp32_groups for p in group}
+    return len(copies) == len(originals) and all(
+        id(c) in known and c.shape == o.shape for c, o in zip(copies, originals, strict=True)
+    )
+
+
 def attach_deepspeed(engine_or_zero_opt: Any, optimizer: Any | None = None) -> list[Layout]:
     """Attach layouts and the all_reduce to the client optimizer wrapped by a DeepSpeed engine.
 
