@@ -26,11 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "results" / "runs"
+RUNS = DEFAULT_RUNS = ROOT / "results" / "runs"
 SHARED = ROOT.parent / "shared" / "data"  # the development machines' offline copies; pass --data elsewhere
 
 SEEDS = (0, 1, 2)
@@ -119,9 +120,11 @@ def lm_runs(data: Path) -> list[Run]:
 
 
 def mt_runs(data: Path) -> list[Run]:
-    files = {f"{split}_{side}_file": relative(data / f"{prefix}.{lang}.gz")
-             for split, prefix in (("train", "train"), ("validation", "val"))
-             for side, lang in (("source", "de"), ("target", "en"))}
+    files = {
+        f"{split}_{side}_file": relative(data / f"{prefix}.{lang}.gz")
+        for split, prefix in (("train", "train"), ("validation", "val"))
+        for side, lang in (("source", "de"), ("target", "en"))
+    }
     out = []
     for seed in SEEDS:
         for config in MT_CONFIGS:
@@ -165,8 +168,15 @@ def command(run: Run, output_dir: Path) -> list[str]:
     values = dict(LM_OVERRIDES if run.task == "lm" else MT_OVERRIDES)
     values.update(run.overrides)
     values.update(EXTRA)
-    values.update(learning_rate=run.lr, seed=run.seed, output_dir=str(output_dir), save_strategy="no",
-                  eval_strategy="steps", disable_tqdm=True, report_to="none")
+    values.update(
+        learning_rate=run.lr,
+        seed=run.seed,
+        output_dir=str(output_dir),
+        save_strategy="no",
+        eval_strategy="steps",
+        disable_tqdm=True,
+        report_to="none",
+    )
     argv = [sys.executable, script, config]
     for key, value in values.items():
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
@@ -212,9 +222,16 @@ def execute(run: Run, keep: Path | None) -> dict:
 
 
 CURVE_KEYS = (
-    "loss", "learning_rate", "grad_norm", "eval_loss", "eval_bleu",
-    "scale_invariant/weight_norm", "scale_invariant/effective_step_size",
-    "projection/channel", "projection/layer", "projection/none",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "eval_loss",
+    "eval_bleu",
+    "scale_invariant/weight_norm",
+    "scale_invariant/effective_step_size",
+    "projection/channel",
+    "projection/layer",
+    "projection/none",
 )
 
 
@@ -260,29 +277,44 @@ def seeded_results(task: str, config: str) -> list[dict]:
 
 
 def report_tables() -> str:
-    lines = ["| LM (WikiText-2) | lr | seeds | validation perplexity (per token) | validation loss | "
-             "WN norm at the end | minutes per run |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| LM (WikiText-2) | lr | seeds | validation perplexity (per token) | validation loss | "
+        "WN norm at the end | minutes per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for config, label in LM_CONFIGS.items():
         rs = seeded_results("lm", config)
-        norms = [r["curves"]["scale_invariant/weight_norm"][-1][1] for r in rs
-                 if "scale_invariant/weight_norm" in r["curves"]]
+        norms = [
+            r["curves"]["scale_invariant/weight_norm"][-1][1]
+            for r in rs
+            if "scale_invariant/weight_norm" in r["curves"]
+        ]
         lines.append(
             f"| {label} | {rs[0]['lr']:g} | {len(rs)} | {mean_std([r['metrics']['perplexity'] for r in rs])} | "
             f"{mean_std([r['metrics']['eval_loss'] for r in rs])} | {mean_std(norms) if norms else '–'} | "
-            f"{mean_std([r['wall_time_s'] / 60 for r in rs])} |" if rs else f"| {label} | | 0 | | | | |"
+            f"{mean_std([r['wall_time_s'] / 60 for r in rs])} |"
+            if rs
+            else f"| {label} | | 0 | | | | |"
         )
-    lines += ["", "| MT (Multi30k De→En) | warmup steps | seeds | validation BLEU | validation loss | "
-              "minutes per run |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| MT (Multi30k De→En) | warmup steps | seeds | validation BLEU | validation loss | minutes per run |",
+        "|---|---|---|---|---|---|",
+    ]
     for config, label in MT_CONFIGS.items():
         rs = seeded_results("mt", config)
         warmup = 0 if config.endswith("nowarmup") else MT_WARMUP_STEPS
         lines.append(
             f"| {label} | {warmup} | {len(rs)} | {mean_std([r['metrics']['eval_bleu'] for r in rs])} | "
             f"{mean_std([r['metrics']['eval_loss'] for r in rs])} | {mean_std([r['wall_time_s'] / 60 for r in rs])} |"
-            if rs else f"| {label} | {warmup} | 0 | | | |"
+            if rs
+            else f"| {label} | {warmup} | 0 | | | |"
         )
-    lines += ["", "| LM sweep (seed 0) | " + " | ".join(f"lr {lr:g}" for lr in LM_SWEEP) + " |",
-              "|---" * (len(LM_SWEEP) + 1) + "|"]
+    lines += [
+        "",
+        "| LM sweep (seed 0) | " + " | ".join(f"lr {lr:g}" for lr in LM_SWEEP) + " |",
+        "|---" * (len(LM_SWEEP) + 1) + "|",
+    ]
     for config in ("adamw_wn", "adamp_wn"):
         cells = []
         for lr in LM_SWEEP:
@@ -299,17 +331,25 @@ def report_commands() -> str:
         for config in configs:
             rs = seeded_results(task, config)
             if rs:
-                lines.append(f"- {configs[config]} ({task}): `python results/study.py --only {task}/{config}/` — "
-                             f"seed 0 ran `{rs[0]['command']}` at commit {rs[0]['commit'][:7]}")
+                lines.append(
+                    f"- {configs[config]} ({task}): `python results/study.py --only {task}/{config}/` — "
+                    f"seed 0 ran `{rs[0]['command']}` at commit {rs[0]['commit'][:7]}"
+                )
     return "\n".join(lines)
 
 
 PLOTS = {
-    "lm": (("eval_loss", "validation loss", False), ("loss", "training loss", False),
-           ("scale_invariant/weight_norm", "norm of the weight-normalised directions", False),
-           ("scale_invariant/effective_step_size", "effective step size lr / |w|^2", True)),
-    "mt": (("loss", "training loss", False), ("eval_loss", "validation loss", False),
-           ("eval_bleu", "validation BLEU", False)),
+    "lm": (
+        ("eval_loss", "validation loss", False),
+        ("loss", "training loss", False),
+        ("scale_invariant/weight_norm", "norm of the weight-normalised directions", False),
+        ("scale_invariant/effective_step_size", "effective step size lr / |w|^2", True),
+    ),
+    "mt": (
+        ("loss", "training loss", False),
+        ("eval_loss", "validation loss", False),
+        ("eval_bleu", "validation BLEU", False),
+    ),
 }
 
 
@@ -336,7 +376,7 @@ def plot_report(out: Path) -> list[Path]:
                 steps = np.array([p[0] for p in series[0][:n]])
                 values = np.array([[p[1] for p in s[:n]] for s in series])
                 label = f"{configs[config]} ({len(series)} seed{'s' if len(series) > 1 else ''})"
-                line, = ax.plot(steps, values.mean(0), label=label)
+                (line,) = ax.plot(steps, values.mean(0), label=label)
                 if len(series) > 1:
                     ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
                 drawn = True
@@ -357,18 +397,21 @@ def plot_report(out: Path) -> list[Path]:
 
 
 def write_report() -> None:
-    """Refresh the generated part of results/README.md (between its markers) and the PNGs."""
-    readme = ROOT / "results" / "README.md"
-    text = readme.read_text()
+    """Refresh the generated part of the report (between its markers) and the PNGs: results/README.md and
+    results/ for this study's runs, README.md and PNGs inside --runs-dir for any other."""
+    out = ROOT / "results" if RUNS == DEFAULT_RUNS else RUNS
+    readme = out / "README.md"
+    text = readme.read_text() if readme.is_file() else f"# Study report: {RUNS}\n"
     begin, end = "<!-- study:begin -->", "<!-- study:end -->"
     generated = f"{begin}\n{report_tables()}\n\nCommands:\n{report_commands()}\n{end}"
     if begin in text and end in text:
-        text = text[: text.index(begin)] + generated + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + generated + text[text.index(end) + len(end) :]
     else:
         text += "\n" + generated + "\n"
     readme.write_text(text)
-    for path in plot_report(ROOT / "results"):
-        print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {readme}")
+    for path in plot_report(out):
+        print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -381,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", action="store_true", help="only refresh results/README.md tables and the PNGs")
     ap.add_argument("--keep", type=Path, help="keep each run's Trainer output under this directory")
     ap.add_argument("--runs-dir", type=Path, default=RUNS, help="where the run JSONs go (another corpus: elsewhere)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads threads)")
     ap.add_argument("--threads", type=int, default=THREADS, help="OMP_NUM_THREADS of each run")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra script arguments (pilots)")
     args = ap.parse_args(argv)
@@ -392,24 +436,48 @@ def main(argv: list[str] | None = None) -> None:
     for path, what in ((args.data / "train.txt", "--data"), (args.mt_data / "train.de.gz", "--mt-data")):
         if not path.is_file() and not args.list:
             raise SystemExit(f"{path} not found: point {what} at the corpus")
-    while True:  # the plan grows once the sweep is done
-        todo = [r for r in plan(args.data, args.mt_data) if not args.only or any(o in r.name for o in args.only)]
-        if args.list:
-            for run in todo:
-                print(f"{'done' if run.path.is_file() else 'todo'}  {run.name}")
-            return
-        pending = [r for r in todo if not r.path.is_file()]
-        if not pending:
-            break
-        run = pending[0]
-        print(f"[{time.strftime('%H:%M:%S')}] {run.name} ({len(pending)} left)", flush=True)
-        result = execute(run, args.keep)
-        tmp = run.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, run.path)  # a JSON is only ever complete
-        ppl = result["metrics"].get("perplexity", result["metrics"].get("eval_bleu", math.nan))
-        print(f"    done in {result['wall_time_s'] / 60:.1f} min: {ppl:.3f}", flush=True)
+    if args.list:
+        for run in selected(args):
+            print(f"{'done' if run.path.is_file() else 'todo'}  {run.name}")
+        return
+    failed = run_all(args)
     write_report()
+    if failed:
+        raise SystemExit(f"{failed} run(s) failed; their logs are next to where their JSONs would be")
+
+
+def selected(args: argparse.Namespace) -> list[Run]:
+    return [r for r in plan(args.data, args.mt_data) if not args.only or any(o in r.name for o in args.only)]
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """Run what is pending, ``--jobs`` at a time; the plan is re-read after each run (it grows once the sweep
+    is done). Returns the number of failed runs (the others go on)."""
+    running: dict[Future, Run] = {}
+    failed: set[Path] = set()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        while True:
+            busy = {r.path for r in running.values()} | failed
+            pending = [r for r in selected(args) if not r.path.is_file() and r.path not in busy]
+            for run in pending[: args.jobs - len(running)]:
+                print(f"[{time.strftime('%H:%M:%S')}] start {run.name} ({len(pending)} waiting)", flush=True)
+                running[pool.submit(execute, run, args.keep)] = run
+            if not running:
+                return len(failed)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                try:
+                    result = future.result()
+                except RuntimeError as err:
+                    print(f"    {err}", flush=True)
+                    failed.add(run.path)
+                    continue
+                tmp = run.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(result, indent=1))
+                os.replace(tmp, run.path)  # a JSON is only ever complete
+                value = result["metrics"].get("perplexity", result["metrics"].get("eval_bleu", math.nan))
+                print(f"    {run.name} done in {result['wall_time_s'] / 60:.1f} min: {value:.3f}", flush=True)
 
 
 if __name__ == "__main__":
