@@ -385,17 +385,21 @@ def _tensors(tensors: list[Tensor], per: int) -> tuple[array, array, array]:
     if len(tensors) % per:
         _fail("tensors are not whole tensor sets")
     for base in range(0, len(tensors), per):
-        param = tensors[base + 1]
-        shape, strides = param.shape, param.stride()
-        if not param.is_contiguous() and not _is_dense(param):
-            _fail("the parameter is not dense")
-        if param.dim() > 1 and strides[0] * shape[0] != param.numel():
-            _fail("the parameter's first dimension is not outermost")
-        for k in range(per):
-            t = tensors[base + k]
+        group = tensors[base : base + per]
+        param = group[1]
+        shape = param.shape
+        contiguous = param.is_contiguous()
+        if not contiguous:
+            strides = param.stride()
+            if not _is_dense(param):
+                _fail("the parameter is not dense")
+            if param.dim() > 1 and strides[0] * shape[0] != param.numel():
+                _fail("the parameter's first dimension is not outermost")
+        for t in group:
             if not t.is_cpu:
                 _fail("every tensor must be on the CPU")
-            if k != 1 and (t.shape != shape or t.stride() != strides):
+            # equal shapes, both contiguous: the same flat layout (a cheaper test than comparing strides)
+            if t.shape != shape or not (t.is_contiguous() if contiguous else t.stride() == strides):
                 _fail("gradient or state laid out unlike the parameter")
     ptrs = array("Q", [t.data_ptr() for t in tensors])
     numels = array("q", [t.numel() for t in tensors])
