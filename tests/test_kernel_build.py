@@ -73,7 +73,7 @@ def weights(path: Path) -> list[torch.Tensor]:
 
 
 def test_killed_builder_does_not_block_the_next_process(tmp_path):
-    """A builder killed (SIGKILL) while it holds the build lock, with half a library written: the next process
+    """A builder killed (SIGKILL) while it holds the build lock, with half an output written: the next process
     builds at once (no wait on the dead builder's lock) and never loads the half-written file."""
     cache, marker = tmp_path / "cache", tmp_path / "compiling"
     slow_cxx = tmp_path / "slow-c++"
@@ -83,7 +83,7 @@ def test_killed_builder_does_not_block_the_next_process(tmp_path):
         "args = sys.argv[1:]\n"
         "if '--version' in args:\n"
         "    os.execvp('c++', ['c++', *args])\n"
-        "with open(args[args.index('-o') + 1], 'wb') as f:\n"  # half a library, then hang as if compiling
+        "with open(args[args.index('-o') + 1], 'wb') as f:\n"  # half an output, then hang as if compiling
         "    f.write(b'\\x7fELF half written')\n"
         f"open({str(marker)!r}, 'w').close()\n"
         "time.sleep(600)\n"
@@ -99,7 +99,7 @@ def test_killed_builder_does_not_block_the_next_process(tmp_path):
         os.killpg(killed.pid, signal.SIGKILL)  # the builder and its compiler, mid-build
         killed.communicate()
     (lock,) = cache.glob("hf_adamp/*/lock")
-    assert list(lock.parent.glob("*.tmp")), "the killed builder left its half-written library"
+    assert list(lock.parent.glob("*.tmp")), "the killed builder left its half-written output"
 
     result, log = finish(start(tmp_path / "next.pt", worker_env(cache)))
     assert result["available"] and result["built"], log

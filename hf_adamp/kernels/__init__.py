@@ -49,7 +49,9 @@ CACHE_ENV = "HF_ADAMP_CACHE_DIR"
 WAIT_ENV = "HF_ADAMP_BUILD_WAIT_S"  # the longest wait for another process's build (default 600 s)
 _SOURCE = Path(__file__).with_name("adamp_cpu.cpp")
 _LIBRARY = "libhf_adamp_cpu.so"
-_BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+_BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+_LINK_FLAGS = ["-shared", "-fopenmp"]  # libgomp.so.1: the OpenMP runtime torch has loaded already
+_PARTS = 2  # translation units compiled in parallel on an idle machine (adamp_cpu.cpp: HF_ADAMP_PART)
 _WAIT_LOG_S = 5.0  # seconds between the lines of a wait for another process's build
 _DEFAULT_BUILD_S = 10  # the announced build time before any build was recorded on this machine
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}  # adamp_cpu.cpp: DType
@@ -109,7 +111,8 @@ class BuildSpec:
         self.compiler = _compiler_version(cxx)
         self.flags = _BASE_FLAGS + self.isa
         digest = hashlib.sha256()
-        for part in (self.source, " ".join(self.flags).encode(), self.compiler.encode()):
+        recipe = f"{' '.join(self.flags)} | {' '.join(_LINK_FLAGS)}"
+        for part in (self.source, recipe.encode(), self.compiler.encode()):
             digest.update(len(part).to_bytes(8, "little") + part)
         self.key = digest.hexdigest()[:20]
         self.dir = cache_root() / f"cpu-{'avx2' if self.isa else 'base'}-{self.key}"
@@ -148,7 +151,7 @@ def _build_lock(directory: Path) -> Iterator[None]:
     fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         limit = float(os.environ.get(WAIT_ENV, "600"))
-        start = last_log = time.monotonic()
+        start, last_log = time.monotonic(), -_WAIT_LOG_S
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -159,7 +162,7 @@ def _build_lock(directory: Path) -> Iterator[None]:
                     raise BuildError(
                         f"gave up after {limit:.0f} s waiting for pid {_lock_holder(fd)} to build in {directory}"
                     ) from None
-                if now - last_log >= _WAIT_LOG_S or now == start:
+                if now - last_log >= _WAIT_LOG_S:
                     logger.warning(
                         "hf_adamp: waiting for the hf_adamp CPU kernels being built by pid %s (%.0f s so far, in %s)",
                         _lock_holder(fd),
@@ -183,8 +186,21 @@ def _first_error(output: str, returncode: int) -> str:
     return lines[-1] if lines else f"the compiler exited with code {returncode}"
 
 
+def _parallel_parts() -> list[list[str]]:
+    """The units to compile: the source's parts side by side where cores are idle, else the whole source as one
+    (the parts share some code, so on a busy machine one unit finishes first). The library is the same."""
+    cores = os.cpu_count() or 1
+    idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else 0
+    if cores >= _PARTS and idle >= _PARTS - 0.5:
+        return [[f"-DHF_ADAMP_PART={k}"] for k in range(_PARTS)]
+    return [[]]
+
+
 def _compile(spec: BuildSpec) -> float:
-    """Compiles the library into the cache directory (atomically) and records the build; returns its seconds."""
+    """Compiles the library into the cache directory (atomically) and records the build; returns its seconds.
+
+    Most of the time goes to the kernels' template instances, so where cores are idle the source's parts are
+    compiled side by side; the objects are linked into a temporary file that is renamed into place."""
     for stale in spec.dir.glob("*.tmp"):  # left by killed builders (the lock is ours, so nobody writes them)
         stale.unlink(missing_ok=True)
     pid = os.getpid()
@@ -192,24 +208,40 @@ def _compile(spec: BuildSpec) -> float:
     tmp_source = spec.dir / f"{_SOURCE.name}.{pid}.tmp"
     tmp_source.write_bytes(spec.source)
     os.replace(tmp_source, source)
+    parts = _parallel_parts()
+    objects = [spec.dir / f"part{k}.{pid}.o.tmp" for k in range(len(parts))]
     tmp_library = spec.dir / f"{_LIBRARY}.{pid}.tmp"
-    cmd = [spec.cxx, *spec.flags, f'-DHF_ADAMP_BUILD_KEY="{spec.key}"', str(source), "-o", str(tmp_library)]
+    define = f'-DHF_ADAMP_BUILD_KEY="{spec.key}"'
+    compiles = [
+        [spec.cxx, *spec.flags, define, *part, "-c", str(source), "-o", str(obj)] for part, obj in zip(parts, objects)
+    ]
+    link = [spec.cxx, *map(str, objects), *_LINK_FLAGS, "-o", str(tmp_library)]
     logger.warning(
         "hf_adamp: building hf_adamp CPU kernels, first use on this machine, about %d s (%s)",
         _expected_seconds(),
         spec.dir,
     )
     t0 = time.perf_counter()
+    log: list[str] = []
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in compiles]
+        steps = [(cmd, proc.communicate()[0], proc.returncode) for cmd, proc in zip(compiles, procs)]
+        if all(code == 0 for _, _, code in steps):
+            done = subprocess.run(link, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            steps.append((link, done.stdout, done.returncode))
     except OSError as exc:
         raise BuildError(f"could not run {spec.cxx}: {exc}") from exc
+    finally:
+        for obj in objects:
+            obj.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
-    output = done.stdout + done.stderr
-    spec.log.write_text(f"$ {' '.join(cmd)}\n{output}\nexit code {done.returncode} after {seconds:.1f} s\n")
-    if done.returncode != 0:
+    for cmd, output, code in steps:
+        log.append(f"$ {' '.join(cmd)}\n{output}exit code {code}\n")
+    spec.log.write_text("".join(log) + f"{seconds:.1f} s\n")
+    failed = [(output, code) for _, output, code in steps if code != 0]
+    if failed:
         tmp_library.unlink(missing_ok=True)
-        raise BuildError(f"{_first_error(output, done.returncode)} (full log: {spec.log})")
+        raise BuildError(f"{_first_error(*failed[0])} (full log: {spec.log})")
     os.replace(tmp_library, spec.library)
     record = dict(seconds=round(seconds, 2), built_at=time.time(), compiler=spec.compiler, flags=spec.flags, pid=pid)
     spec.record.write_text(json.dumps(record, indent=1))
@@ -336,12 +368,16 @@ def reset() -> None:
 # ------------------------------------------------------------------------------------------------ the C calls
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 _TABLE = [_P, _P, _P, _I64, _P, _I64, _P, _I64]  # tensors (pointers, numels, dtypes, count), runs, scalars
+_FIRST = [*_TABLE, _P, _I32, _I64, _I64, _P, _I32, _I64, _I32, _P, _I64]
+_SECOND = [*_TABLE, _P, _I32, _I64, _P, _I32, _I64, _P, _I32, _I64, _P, _I32, _P, _I64]
 _ARGTYPES = {
-    "hf_adamp_first": [_I32, *_TABLE, _P, _I32, _I64, _I64, _P, _I32, _I64, _I32, _P, _I64],
-    "hf_adamp_second": [_I32, *_TABLE, _P, _I32, _I64, _P, _I32, _I64, _P, _I32, _I64, _P, _I32, _P, _I64],
+    "hf_adamp_adam_first": _FIRST,
+    "hf_adamp_adam_second": _SECOND,
+    "hf_adamp_sgd_first": _FIRST,
+    "hf_adamp_sgd_second": _SECOND,
     "hf_adamp_decide": [_P, _I32, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _I64],
 }
-_KINDS = {"adam": (0, 4), "sgd": (1, 3)}  # kind code, tensors per parameter (grad, param, state...)
+_PER = {"adam": 4, "sgd": 3}  # tensors per parameter: grad, param, state...
 
 
 def _fail(what: str) -> None:
@@ -426,7 +462,7 @@ class CpuKernels:
         for name, argtypes in _ARGTYPES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        self._first, self._second, self._decide = lib.hf_adamp_first, lib.hf_adamp_second, lib.hf_adamp_decide
+        self._decide = lib.hf_adamp_decide
 
     def adam_first(self, tensors: list[Tensor], runs: Tensor, scalars: Tensor, stats: Tensor, spec_coef: Tensor):
         self._pass1("adam", tensors, runs, scalars, stats, spec_coef)
@@ -448,23 +484,22 @@ class CpuKernels:
 
     @staticmethod
     def _runs(kind: str, tensors: list[Tensor], runs: Tensor, scalars: Tensor) -> tuple[list, tuple]:
-        """The leading arguments of a pass (kind, tensor table, runs, scalars), and the arrays they point into
+        """The leading arguments of a pass (tensor table, runs, scalars), and the arrays they point into
         (the caller keeps them alive through the call)."""
-        code, per = _KINDS[kind]
-        arrays = _tensors(tensors, per)
+        arrays = _tensors(tensors, _PER[kind])
         runs_ptr, count = _table(runs, torch.int64, 7, "runs")
         scalars_ptr, scalar_rows = _table(scalars, torch.float64, None, "scalars")
         if scalar_rows != count:
             _fail("scalars must have a row per run")
         table = [*map(_address, arrays), len(tensors), runs_ptr, count]
-        return [code, *table, scalars_ptr, scalars.shape[1]], arrays
+        return [*table, scalars_ptr, scalars.shape[1]], arrays
 
     def _pass1(self, kind: str, tensors, runs: Tensor, scalars: Tensor, stats: Tensor, spec_coef: Tensor) -> None:
         head, arrays = self._runs(kind, tensors, runs, scalars)  # arrays: alive through the call
         spec_ptr, spec_n, spec_code = _vector(spec_coef, "spec_coef")
         stats_ptr, stats_code, stride, rows = _stats(stats)
         tail = [spec_ptr, spec_code, spec_n, torch.get_num_threads()]
-        self._call(self._first, *head, stats_ptr, stats_code, stride, rows, *tail)
+        self._call(getattr(self.lib, f"hf_adamp_{kind}_first"), *head, stats_ptr, stats_code, stride, rows, *tail)
 
     def _pass2(self, kind: str, tensors, runs, scalars, coef: Tensor, spec_coef: Tensor, decay: Tensor) -> Tensor:
         head, arrays = self._runs(kind, tensors, runs, scalars)  # arrays: alive through the call
@@ -473,7 +508,9 @@ class CpuKernels:
         spec_ptr, spec_n, spec_code = _vector(spec_coef, "spec_coef")
         decay_ptr, decay_n, decay_code = _vector(decay, "decay")
         bufs = [coef_ptr, coef_code, coef_n, spec_ptr, spec_code, spec_n, decay_ptr, decay_code, decay_n]
-        self._call(self._second, *head, *bufs, written.data_ptr(), torch.get_num_threads())
+        self._call(
+            getattr(self.lib, f"hf_adamp_{kind}_second"), *head, *bufs, written.data_ptr(), torch.get_num_threads()
+        )
         return written
 
     def decide(self, stats: Tensor, counts, row_len, numel, delta, eps) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -810,59 +810,68 @@ int guarded(char* err, int64_t err_size, const F& fn) {
   }
 }
 
+// The bodies of the entry points, per optimizer K (the tensor table as in batch()).
+template <typename K>
+int first_entry(void* const* ptrs, const int64_t* numels, const int32_t* dtypes, int64_t n_tensors,
+                const int64_t* runs, int64_t n_runs, const double* scalars, int64_t cols, void* stats,
+                int32_t stats_dtype, int64_t stats_stride, int64_t stats_rows, void* spec_coef, int32_t spec_dtype,
+                int64_t spec_numel, int32_t threads, char* err, int64_t err_size) {
+  return guarded(err, err_size, [&] {
+    const Batch b = batch(ptrs, numels, dtypes, n_tensors, K::kPer, runs, n_runs, scalars, cols, K::kCols, 4);
+    first<K>(b, StatsBuf{stats, stats_dtype, stats_stride, stats_rows}, Buf{spec_coef, spec_numel, spec_dtype},
+             threads);
+  });
+}
+
+template <typename K>
+int second_entry(void* const* ptrs, const int64_t* numels, const int32_t* dtypes, int64_t n_tensors,
+                 const int64_t* runs, int64_t n_runs, const double* scalars, int64_t cols, void* coef,
+                 int32_t coef_dtype, int64_t coef_numel, void* spec_coef, int32_t spec_dtype, int64_t spec_numel,
+                 void* decay, int32_t decay_dtype, int64_t decay_numel, int64_t* written, int32_t threads, char* err,
+                 int64_t err_size) {
+  return guarded(err, err_size, [&] {
+    const Batch b = batch(ptrs, numels, dtypes, n_tensors, K::kPer, runs, n_runs, scalars, cols, K::kCols, 3);
+    second<K>(b, Buf{coef, coef_numel, coef_dtype}, Buf{spec_coef, spec_numel, spec_dtype},
+              Buf{decay, decay_numel, decay_dtype}, written, threads);
+  });
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------ C entry points
-// `kind` picks the optimizer: 0 AdamP, 1 SGDP. Every entry returns 0, or 1 with the reason in err.
-#ifndef HF_ADAMP_BUILD_KEY
-#define HF_ADAMP_BUILD_KEY "unkeyed"
-#endif
+// Every entry returns 0, or 1 with the reason in err. The library may be compiled as two units in parallel
+// (HF_ADAMP_PART 0: AdamP and the decision, 1: SGDP), then linked; without HF_ADAMP_PART one unit has them all.
+#define HF_ADAMP_FIRST_ARGS                                                                                         \
+  void *const *ptrs, const int64_t *numels, const int32_t *dtypes, int64_t n_tensors, const int64_t *runs,          \
+      int64_t n_runs, const double *scalars, int64_t cols, void *stats, int32_t stats_dtype, int64_t stats_stride, \
+      int64_t stats_rows, void *spec_coef, int32_t spec_dtype, int64_t spec_numel, int32_t threads, char *err,     \
+      int64_t err_size
+#define HF_ADAMP_FIRST_CALL                                                                                      \
+  ptrs, numels, dtypes, n_tensors, runs, n_runs, scalars, cols, stats, stats_dtype, stats_stride, stats_rows, \
+      spec_coef, spec_dtype, spec_numel, threads, err, err_size
+#define HF_ADAMP_SECOND_ARGS                                                                                     \
+  void *const *ptrs, const int64_t *numels, const int32_t *dtypes, int64_t n_tensors, const int64_t *runs,       \
+      int64_t n_runs, const double *scalars, int64_t cols, void *coef, int32_t coef_dtype, int64_t coef_numel,   \
+      void *spec_coef, int32_t spec_dtype, int64_t spec_numel, void *decay, int32_t decay_dtype,                \
+      int64_t decay_numel, int64_t *written, int32_t threads, char *err, int64_t err_size
+#define HF_ADAMP_SECOND_CALL                                                                                    \
+  ptrs, numels, dtypes, n_tensors, runs, n_runs, scalars, cols, coef, coef_dtype, coef_numel, spec_coef,     \
+      spec_dtype, spec_numel, decay, decay_dtype, decay_numel, written, threads, err, err_size
 
 extern "C" {
 
+#if !defined(HF_ADAMP_PART) || HF_ADAMP_PART == 0
+#ifndef HF_ADAMP_BUILD_KEY
+#define HF_ADAMP_BUILD_KEY "unkeyed"
+#endif
 // The key this library was built for (the loader checks it: a library never runs under another source's key).
 const char* hf_adamp_build_key() { return HF_ADAMP_BUILD_KEY; }
 
-// Pass 1 of every run: moments, row sums; finishes full and speculated runs.
-int hf_adamp_first(int32_t kind, void* const* ptrs, const int64_t* numels, const int32_t* dtypes, int64_t n_tensors,
-                   const int64_t* runs, int64_t n_runs, const double* scalars, int64_t cols, void* stats,
-                   int32_t stats_dtype, int64_t stats_stride, int64_t stats_rows, void* spec_coef,
-                   int32_t spec_dtype, int64_t spec_numel, int32_t threads, char* err, int64_t err_size) {
-  return guarded(err, err_size, [&] {
-    const StatsBuf st{stats, stats_dtype, stats_stride, stats_rows};
-    const Buf spec{spec_coef, spec_numel, spec_dtype};
-    if (kind == 0) {
-      const Batch b = batch(ptrs, numels, dtypes, n_tensors, AdamKernels::kPer, runs, n_runs, scalars, cols,
-                            AdamKernels::kCols, 4);
-      first<AdamKernels>(b, st, spec, threads);
-    } else {
-      const Batch b = batch(ptrs, numels, dtypes, n_tensors, SgdKernels::kPer, runs, n_runs, scalars, cols,
-                            SgdKernels::kCols, 4);
-      first<SgdKernels>(b, st, spec, threads);
-    }
-  });
-}
+// AdamP pass 1: moments, row sums; finishes full and speculated runs.
+int hf_adamp_adam_first(HF_ADAMP_FIRST_ARGS) { return first_entry<AdamKernels>(HF_ADAMP_FIRST_CALL); }
 
-// Pass 2: projection, decay, step (or repair); adds the rows written per run to written[n_runs].
-int hf_adamp_second(int32_t kind, void* const* ptrs, const int64_t* numels, const int32_t* dtypes, int64_t n_tensors,
-                    const int64_t* runs, int64_t n_runs, const double* scalars, int64_t cols, void* coef,
-                    int32_t coef_dtype, int64_t coef_numel, void* spec_coef, int32_t spec_dtype, int64_t spec_numel,
-                    void* decay, int32_t decay_dtype, int64_t decay_numel, int64_t* written, int32_t threads,
-                    char* err, int64_t err_size) {
-  return guarded(err, err_size, [&] {
-    const Buf c{coef, coef_numel, coef_dtype}, spec{spec_coef, spec_numel, spec_dtype};
-    const Buf d{decay, decay_numel, decay_dtype};
-    if (kind == 0) {
-      const Batch b = batch(ptrs, numels, dtypes, n_tensors, AdamKernels::kPer, runs, n_runs, scalars, cols,
-                            AdamKernels::kCols, 3);
-      second<AdamKernels>(b, c, spec, d, written, threads);
-    } else {
-      const Batch b = batch(ptrs, numels, dtypes, n_tensors, SgdKernels::kPer, runs, n_runs, scalars, cols,
-                            SgdKernels::kCols, 3);
-      second<SgdKernels>(b, c, spec, d, written, threads);
-    }
-  });
-}
+// AdamP pass 2: projection, decay, step (or repair); adds the rows written per run to written[n_runs].
+int hf_adamp_adam_second(HF_ADAMP_SECOND_ARGS) { return second_entry<AdamKernels>(HF_ADAMP_SECOND_CALL); }
 
 // projection.decide on a (4, rows) stats buffer (float32/float64, rows contiguous); outputs of the caller's
 // making: coef[rows] and weight_norm[slots] in the stats dtype, projected[slots] (bool), kind[slots] (int8).
@@ -886,5 +895,12 @@ int hf_adamp_decide(const void* stats, int32_t dtype, int64_t stride, int64_t ro
     }
   });
 }
+#endif
+
+#if !defined(HF_ADAMP_PART) || HF_ADAMP_PART == 1
+// SGDP pass 1 and pass 2, as AdamP's.
+int hf_adamp_sgd_first(HF_ADAMP_FIRST_ARGS) { return first_entry<SgdKernels>(HF_ADAMP_FIRST_CALL); }
+int hf_adamp_sgd_second(HF_ADAMP_SECOND_ARGS) { return second_entry<SgdKernels>(HF_ADAMP_SECOND_CALL); }
+#endif
 
 }  // extern "C"
