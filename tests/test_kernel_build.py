@@ -108,6 +108,44 @@ def test_killed_builder_does_not_block_the_next_process(tmp_path):
     assert not list(lock.parent.glob("*.tmp"))
 
 
+def test_live_builder_is_waited_for_with_a_log_line(tmp_path, monkeypatch):
+    """While a live process holds the build lock (this test, posing as a builder), the next process says whom it
+    waits for, and builds once the lock is released."""
+    import fcntl
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
+    monkeypatch.delenv(kernels.CACHE_ENV, raising=False)
+    spec = kernels.BuildSpec(kernels._compiler())
+    spec.dir.mkdir(parents=True)
+    fd = os.open(spec.dir / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    log = tmp_path / "waiter.log"
+    with log.open("w") as stderr:
+        out = tmp_path / "waiter.pt"
+        waiter = subprocess.Popen(
+            [sys.executable, str(WORKER), str(out)],
+            cwd=tmp_path,
+            env=worker_env(cache),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        try:
+            line = f"waiting for the hf_adamp CPU kernels being built by pid {os.getpid()}"
+            deadline = time.monotonic() + TIMEOUT
+            while line not in log.read_text():
+                assert waiter.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+        finally:
+            os.close(fd)  # the builder is done: the lock is free
+        stdout, _ = waiter.communicate(timeout=TIMEOUT)
+    assert waiter.returncode == 0, log.read_text()[-3000:]
+    result = json.loads(next(x for x in stdout.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
+    assert result["available"] and result["built"] and Path(result["path"]).parent == spec.dir
+
+
 def test_two_sources_started_together_each_run_their_own(tmp_path):
     """Two copies of the package whose kernel sources differ, first used at the same time on one cache: each
     builds and loads its own library (the copy with the extra function finds it; the other does not)."""
