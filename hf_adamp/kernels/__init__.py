@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from array import array
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ _ERROR_BYTES = 1024
 _module: CpuKernels | None = None
 _failed: str | None = None  # why the kernels are unavailable here, once known
 _agreed: bool | None = None  # the ranks' common answer in a distributed run, once agreed
+_load_lock = threading.Lock()  # threads of one process build or load once
 build_seconds: float | None = None  # wall time of the load in this process (build, or load from cache)
 
 
@@ -254,7 +256,10 @@ def _open(spec: BuildSpec, built: bool) -> CpuKernels:
         lib = ctypes.CDLL(str(spec.library))
     except OSError as exc:
         raise BuildError(f"could not load {spec.library}: {exc}") from exc
-    lib.hf_adamp_build_key.restype = ctypes.c_char_p
+    try:
+        lib.hf_adamp_build_key.restype = ctypes.c_char_p
+    except AttributeError as exc:
+        raise BuildError(f"{spec.library} is not an hf_adamp kernels library") from exc
     found = lib.hf_adamp_build_key().decode()
     if found != spec.key:  # never run a library built from another source
         raise BuildError(f"{spec.library} was built for key {found}, expected {spec.key}")
@@ -291,22 +296,27 @@ def _local_available() -> bool:
     global _module, _failed, build_seconds
     if _module is not None:
         return True
-    if _failed is not None:
-        return False
-    if _compiler() is None:
-        _failed = "no C++ compiler found"
-    else:
-        t0 = time.perf_counter()
-        try:
-            _module = _build()
-            build_seconds = time.perf_counter() - t0
+    with _load_lock:
+        if _module is not None:
             return True
-        except Exception as exc:  # any build or load failure means: use the eager path
-            text = str(exc).strip().splitlines() or [""]
-            line = text[0] if isinstance(exc, BuildError) else text[-1]
-            _failed = f"build failed ({type(exc).__name__}: {line})"
-    logger.warning("hf_adamp: fused CPU kernels unavailable (%s); using the eager path", _failed)
-    return False
+        if _failed is not None:
+            return False
+        if _compiler() is None:
+            _failed = "no C++ compiler found"
+        else:
+            t0 = time.perf_counter()
+            try:
+                _module = _build()
+                build_seconds = time.perf_counter() - t0
+                return True
+            except Exception as exc:  # any build or load failure means: use the eager path
+                text = str(exc).strip().splitlines() or [""]
+                if isinstance(exc, BuildError):
+                    _failed = f"build failed: {text[0]}"
+                else:
+                    _failed = f"build failed ({type(exc).__name__}: {text[-1]})"
+        logger.warning("hf_adamp: fused CPU kernels unavailable (%s); using the eager path", _failed)
+        return False
 
 
 def _agree(local: bool) -> bool:
