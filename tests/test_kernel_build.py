@@ -208,7 +208,10 @@ def test_no_compiler_one_warning_and_the_eager_path(tmp_path):
     assert not cache.exists() or not build_dirs(cache)
 
 
-def test_failed_build_reports_the_first_compiler_error_and_keeps_the_log(tmp_path, monkeypatch, caplog):
+def test_failed_build_reports_the_first_compiler_error_and_keeps_the_log(tmp_path, monkeypatch, caplog, capsys):
+    """The warning names the compiler's first error and the full log; so does ``python -m hf_adamp.kernels``."""
+    from hf_adamp.kernels.__main__ import report
+
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(kernels.CACHE_ENV, raising=False)
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
@@ -223,6 +226,10 @@ def test_failed_build_reports_the_first_compiler_error_and_keeps_the_log(tmp_pat
     assert "build failed" in line and "error" in line and "not_a_type" in line, line
     log = Path(line.split("full log: ")[1].split(")")[0])
     assert log.is_file() and "not_a_type" in log.read_text() and "exit code" in log.read_text()
+    capsys.readouterr()
+    assert not report()
+    out = capsys.readouterr().out
+    assert "the last build failed" in out and "not_a_type" in out and str(log) in out, out
 
 
 def test_one_openmp_runtime_in_the_process():

@@ -334,7 +334,7 @@ def _agree(local: bool) -> bool:
         logger.info("hf_adamp: all %d ranks use the fused CPU kernels", ranks)
     elif local:
         logger.warning(
-            "hf_adamp: another rank lacks the fused CPU kernels, so all %d ranks use the eager path (same results)",
+            "hf_adamp: another rank lacks the fused CPU kernels, so all %d ranks use the eager path (equal replicas)",
             ranks,
         )
     else:
