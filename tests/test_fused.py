@@ -442,3 +442,27 @@ def test_kernel_decision_matches_projection_decide(dtype):
     tol = 1e-13 if dtype == torch.float64 else 1e-5
     assert max_rel_err(got.coef, ref.coef) <= tol
     assert max_rel_err(got.weight_norm, ref.weight_norm) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_rounding_matches_torch(dtype):
+    """The kernels' own fp16/bf16 conversions round like torch's: every finite half (and the infinities and a
+    NaN) times a few factors, stepped by a plain SGD step (lr 0, so the weight becomes weight * decay), gives
+    torch's bits, through subnormals, ties and overflow."""
+    if not kernels.available():
+        pytest.skip("the fused kernels are unavailable here")
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    weights = bits.view(dtype)
+    weights = weights[~weights.isnan()]
+    weights = torch.cat([weights, torch.tensor([float("nan")], dtype=dtype)])
+    n = weights.numel()
+    for decay in (1.0, 1.0001, 0.3, 3.7, 1e-3, 1e4):
+        p = weights.clone()
+        tensors = [torch.zeros(n, dtype=dtype), p, torch.zeros(n)]  # grad, weight, momentum buffer
+        runs = torch.tensor([[0, 0, 1, n, _fused.FULL, 0, -1]])
+        scalars = torch.tensor([[0.0, 0.0, 0.0, decay, 1e-8, 0.0, 0.0]], dtype=torch.float64)
+        kernels.module().sgd_first(tensors, runs, scalars, torch.zeros(4, 1), torch.zeros(1))
+        expected = (weights.float() * torch.tensor(decay, dtype=torch.float32)).to(dtype)
+        nan = expected.isnan()
+        assert torch.equal(p.isnan(), nan), decay
+        assert torch.equal(p[~nan].view(torch.int16), expected[~nan].view(torch.int16)), decay

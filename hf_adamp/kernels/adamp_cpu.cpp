@@ -12,14 +12,86 @@
 // applies the decided coefficient and weight decay, or, after a speculating pass 1, repairs only the rows whose
 // decided (coefficient, decay) differ from the guessed ones, as a small correction of the guessed weight (an ulp or two
 // of the weight's dtype, so speculation is only used for fp32/fp64 parameters).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+//
+// The file needs no torch headers: it is built with the system compiler alone into a plain shared library, whose
+// extern "C" entry points (at the end) take raw pointers, sizes and dtype codes; hf_adamp/kernels/__init__.py
+// loads it with ctypes and checks the tensors' layouts before each call. OpenMP is torch's own runtime (the
+// library links libgomp.so.1, which resolves to the copy torch has already loaded), with the thread count passed in.
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
+
+// ------------------------------------------------------------------------------------------------ half precision
+// fp16 and bf16 weights, converted to and from float with round-to-nearest-even (NaN becomes a quiet NaN), as
+// torch rounds them.
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+struct BFloat16 {
+  uint16_t x;
+  BFloat16() = default;
+  BFloat16(float f) {  // NOLINT: implicit, like the float it stands for
+    const uint32_t u = float_bits(f);
+    x = f != f ? uint16_t(0x7FC0) : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+  operator float() const { return bits_float(static_cast<uint32_t>(x) << 16); }
+};
+
+struct Half {
+  uint16_t x;
+  Half() = default;
+  Half(float f) {  // NOLINT: implicit, like the float it stands for
+    const uint32_t u = float_bits(f);
+    const uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFF;
+    uint32_t h;
+    if (a > 0x7F800000) {
+      h = 0x7E00;  // NaN
+    } else if (a >= 0x477FF000) {
+      h = 0x7C00;  // rounds past the largest half (65504): infinity
+    } else if (a >= 0x38800000) {  // a normal half: drop 13 mantissa bits, ties to even, rebias the exponent
+      h = (a + 0xFFF + ((a >> 13) & 1) - (112u << 23)) >> 13;
+    } else {  // a subnormal half: adding 0.5 puts its unit (2^-24) at the float's last bit, rounded by the FPU
+      h = float_bits(bits_float(a) + 0.5f) - float_bits(0.5f);
+    }
+    x = static_cast<uint16_t>(sign | h);
+  }
+  operator float() const {
+    const uint32_t sign = static_cast<uint32_t>(x & 0x8000) << 16, e = (x >> 10) & 0x1F, m = x & 0x3FF;
+    if (e == 0x1F) return bits_float(sign | 0x7F800000 | (m << 13));
+    if (e == 0) return bits_float(sign | float_bits(static_cast<float>(m) * 0x1p-24f));
+    return bits_float(sign | ((e + 112) << 23) | (m << 13));
+  }
+};
+
+// An error to report through the C entry points (every check runs before the parallel region).
+template <typename... A>
+void check(bool ok, const A&... parts) {
+  if (ok) return;
+  std::ostringstream msg;
+  msg << "hf_adamp fused: ";
+  (msg << ... << parts);
+  throw std::invalid_argument(msg.str());
+}
 
 // Elements per block of the row sums (see blocked_sums).
 constexpr int64_t kBlock = 1024;
@@ -45,9 +117,9 @@ inline T madd(T a, T b, T c) {
 template <typename T, typename P>
 inline T up(P x) { return static_cast<T>(x); }
 template <>
-inline double up<double, c10::Half>(c10::Half x) { return static_cast<float>(x); }
+inline double up<double, Half>(Half x) { return static_cast<float>(x); }
 template <>
-inline double up<double, c10::BFloat16>(c10::BFloat16 x) { return static_cast<float>(x); }
+inline double up<double, BFloat16>(BFloat16 x) { return static_cast<float>(x); }
 
 struct AdamScalars {
   double beta1, beta2, eps_s, step, decay;  // eps_s = eps * sqrt(1 - beta2^t); step = lr / bc1 * sqrt(bc2)
@@ -99,15 +171,6 @@ struct StatsOut {
     }
   }
 };
-
-StatsOut stats_out(const torch::Tensor& stats, int64_t stat_row, int64_t rows) {
-  const auto st = stats.scalar_type();
-  TORCH_CHECK(stats.device().is_cpu() && stats.dim() == 2 && stats.size(0) == 4 && stats.stride(1) == 1 &&
-                  (st == at::kFloat || st == at::kDouble),
-              "hf_adamp fused: stats must be a (4, rows) float32/float64 CPU tensor with contiguous rows");
-  TORCH_CHECK(stat_row >= 0 && stat_row + rows <= stats.size(1), "hf_adamp fused: rows out of range of stats");
-  return StatsOut{stats.data_ptr(), st == at::kDouble, stats.stride(0), stat_row};
-}
 
 // The sum of L lanes by halving (vector adds, then a few scalar ones), in T.
 template <typename T, int L>
@@ -402,48 +465,31 @@ void run_shares(const std::vector<std::vector<Task>>& work, const F& body) {
       for (const Task& task : work[t]) body(task);
   };
   if (n <= 1) return each(0, n);
-  at::parallel_for(0, n, 1, each);
+#pragma omp parallel for schedule(static, 1) num_threads(n)
+  for (int64_t t = 0; t < n; ++t) each(t, t + 1);
 }
 
-void check_run(const torch::Tensor& t, int64_t start, int64_t n, const char* what) {
-  TORCH_CHECK(t.device().is_cpu(), "hf_adamp fused: ", what, " must be on the CPU");
-  TORCH_CHECK(start >= 0 && n >= 0 && start + n <= t.numel(), "hf_adamp fused: run out of range of ", what);
-}
 
-// The tensors of one parameter are addressed as flat storage from data_ptr: they must share the parameter's
-// dense layout, with the first dimension outermost (rows are contiguous), as hf_adamp.optim._base.flat needs.
-void check_tensors(const torch::Tensor* ts, int64_t count, int64_t start, int64_t n) {
-  const torch::Tensor& param = ts[1];
-  TORCH_CHECK(param.is_non_overlapping_and_dense(), "hf_adamp fused: the parameter is not dense");
-  TORCH_CHECK(param.dim() <= 1 || param.stride(0) * param.size(0) == param.numel(),
-              "hf_adamp fused: the parameter's first dimension is not outermost");
-  TORCH_CHECK(ts[0].scalar_type() == param.scalar_type(), "hf_adamp fused: gradient dtype differs from parameter");
-  for (int64_t i = 0; i < count; ++i) {
-    check_run(ts[i], start, n, "a tensor");
-    TORCH_CHECK(ts[i].sizes() == param.sizes() && ts[i].strides() == param.strides(),
-                "hf_adamp fused: gradient or state laid out unlike the parameter");
+// Dtype codes of the C entry points (hf_adamp/kernels/__init__.py: DTYPE_CODES).
+enum DType { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+// The state dtype of a parameter dtype: float for fp32/fp16/bf16, double for fp64; -1 for an unknown code.
+int32_t state_dtype_of(int32_t param) {
+  switch (param) {
+    case kF32: case kF16: case kBF16: return kF32;
+    case kF64: return kF64;
+    default: return -1;
   }
 }
 
-// Calls fn with the parameter type P and the state type T of a (param, state) pair.
+// Calls fn with the parameter type P and the state type T of a parameter dtype (checked by batch()).
 template <typename F>
-void dispatch(const torch::Tensor& param, const torch::Tensor& state, const F& fn) {
-  const auto st = state.scalar_type();
-  switch (param.scalar_type()) {
-    case at::kFloat:
-      TORCH_CHECK(st == at::kFloat, "hf_adamp fused: fp32 parameters need fp32 state");
-      return fn(float{}, float{});
-    case at::kDouble:
-      TORCH_CHECK(st == at::kDouble, "hf_adamp fused: fp64 parameters need fp64 state");
-      return fn(double{}, double{});
-    case at::kHalf:
-      TORCH_CHECK(st == at::kFloat, "hf_adamp fused: fp16 parameters need fp32 state");
-      return fn(c10::Half{}, float{});
-    case at::kBFloat16:
-      TORCH_CHECK(st == at::kFloat, "hf_adamp fused: bf16 parameters need fp32 state");
-      return fn(c10::BFloat16{}, float{});
-    default:
-      TORCH_CHECK(false, "hf_adamp fused: unsupported parameter dtype ", param.scalar_type());
+void dispatch(int32_t param, const F& fn) {
+  switch (param) {
+    case kF32: return fn(float{}, float{});
+    case kF64: return fn(double{}, double{});
+    case kF16: return fn(Half{}, float{});
+    default: return fn(BFloat16{}, float{});
   }
 }
 
@@ -460,68 +506,92 @@ void with_mode(int64_t mode, bool nesterov, const F& fn) {
   }
 }
 
-// A per-stats-row tensor (coef, spec_coef) in the state dtype, checked once per call.
-void check_rows_tensor(const torch::Tensor& t, const torch::Tensor& state, int64_t rows, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == state.scalar_type(), "hf_adamp fused: ", what,
-              " must be a CPU tensor of the state dtype");
-  TORCH_CHECK(t.is_contiguous() && t.dim() == 1 && t.numel() >= rows, "hf_adamp fused: ", what,
-              " is not a contiguous vector covering the stats rows");
+// A flat buffer passed in: data, elements, dtype code.
+struct Buf {
+  void* data;
+  int64_t numel;
+  int32_t dtype;
+};
+
+// A per-stats-row vector (coef, spec_coef) in the state dtype, covering the run's stats rows.
+void check_rows_buf(const Buf& t, int32_t state, int64_t rows, const char* what) {
+  check(t.dtype == state, what, " must be a vector of the state dtype");
+  check(t.numel >= rows, what, " does not cover the stats rows");
 }
 
 // What every call checks and derives from its tables before the parallel region (no check can fail inside it).
+// `ptrs`, `numels` and `dtypes` describe, per tensor of the step, its gradient, parameter and state tensors (kPer
+// of them; their layouts were checked by the caller).
 struct Batch {
-  std::vector<torch::Tensor> tensors;
+  void* const* ptrs;
+  const int64_t* numels;
+  const int32_t* dtypes;
   int64_t per;
   const int64_t* runs;
   const double* scalars;
   int64_t count, cols;
   const int64_t* run(int64_t i) const { return runs + i * kRunCols; }
   const double* row(int64_t i) const { return scalars + i * cols; }
-  const torch::Tensor* item(int64_t i) const { return &tensors[run(i)[kItem] * per]; }
+  int64_t item(int64_t i) const { return run(i)[kItem] * per; }     // the run's first tensor
+  void* const* item_ptrs(int64_t i) const { return ptrs + item(i); }
+  int32_t param_dtype(int64_t i) const { return dtypes[item(i) + 1]; }
+  int32_t state_dtype(int64_t i) const { return dtypes[item(i) + 2]; }
 };
 
-Batch batch(std::vector<torch::Tensor> tensors, int64_t per, const torch::Tensor& runs, const torch::Tensor& scalars,
-            int64_t cols, int modes) {
-  TORCH_CHECK(static_cast<int64_t>(tensors.size()) % per == 0, "hf_adamp fused: tensors are not whole tensor sets");
-  TORCH_CHECK(runs.device().is_cpu() && runs.scalar_type() == at::kLong && runs.is_contiguous() && runs.dim() == 2 &&
-                  runs.size(1) == kRunCols,
-              "hf_adamp fused: runs must be a contiguous (R, 7) int64 CPU tensor");
-  TORCH_CHECK(scalars.device().is_cpu() && scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
-                  scalars.dim() == 2 && scalars.size(0) == runs.size(0) && scalars.size(1) == cols,
-              "hf_adamp fused: scalars must be a contiguous (R, ", cols, ") float64 CPU tensor");
-  Batch b{std::move(tensors), per, runs.data_ptr<int64_t>(), scalars.data_ptr<double>(), runs.size(0), cols};
-  const int64_t items = static_cast<int64_t>(b.tensors.size()) / per;
+Batch batch(void* const* ptrs, const int64_t* numels, const int32_t* dtypes, int64_t n_tensors, int64_t per,
+            const int64_t* runs, int64_t n_runs, const double* scalars, int64_t cols, int64_t want_cols, int modes) {
+  check(n_tensors % per == 0, "tensors are not whole tensor sets");
+  check(n_runs >= 0 && cols == want_cols, "scalars must be a (R, ", want_cols, ") float64 table");
+  Batch b{ptrs, numels, dtypes, per, runs, scalars, n_runs, cols};
+  const int64_t items = n_tensors / per;
   for (int64_t i = 0; i < b.count; ++i) {
     const int64_t* r = b.run(i);
-    TORCH_CHECK(r[kItem] >= 0 && r[kItem] < items, "hf_adamp fused: run ", i, " names no tensor");
-    TORCH_CHECK(r[kRows] >= 0 && r[kLen] >= 0, "hf_adamp fused: negative run shape");
-    TORCH_CHECK(r[kMode] >= 0 && r[kMode] < modes, "hf_adamp fused: unknown mode ", r[kMode]);
-    check_tensors(b.item(i), per, r[kStart], r[kRows] * r[kLen]);
+    check(r[kItem] >= 0 && r[kItem] < items, "run ", i, " names no tensor");
+    check(r[kRows] >= 0 && r[kLen] >= 0, "negative run shape");
+    check(r[kMode] >= 0 && r[kMode] < modes, "unknown mode ", r[kMode]);
+    const int64_t first = b.item(i), n = r[kRows] * r[kLen];
+    const int32_t param = dtypes[first + 1], state = state_dtype_of(param);
+    check(state >= 0, "unsupported parameter dtype code ", param);
+    check(dtypes[first] == param, "gradient dtype differs from parameter");
+    for (int64_t k = 2; k < per; ++k)
+      check(dtypes[first + k] == state, param == kF64 ? "fp64 parameters need fp64 state"
+                                                      : "fp32/fp16/bf16 parameters need fp32 state");
+    for (int64_t k = 0; k < per; ++k)
+      check(r[kStart] >= 0 && r[kStart] + n <= numels[first + k], "run out of range of a tensor");
   }
   return b;
 }
 
 template <typename T>
-T* data_at(const torch::Tensor& t, int64_t offset) {
-  return t.data_ptr<T>() + offset;
+T* data_at(void* base, int64_t offset) {
+  return static_cast<T*>(base) + offset;
 }
 
 // The element of `decay` (per slot) a run applies, and the pass-1 decay rounded like that tensor.
-std::pair<double, double> slot_decay(const torch::Tensor& decay, int64_t slot, double spec) {
-  TORCH_CHECK(decay.device().is_cpu() && decay.is_contiguous() && slot >= 0 && slot < decay.numel(),
-              "hf_adamp fused: slot out of range of decay");
-  double value = 0, rounded = 0;
-  AT_DISPATCH_FLOATING_TYPES(decay.scalar_type(), "hf_adamp_decay", [&] {
-    value = static_cast<double>(decay.data_ptr<scalar_t>()[slot]);
-    rounded = static_cast<double>(static_cast<scalar_t>(spec));
-  });
-  return {value, rounded};
+std::pair<double, double> slot_decay(const Buf& decay, int64_t slot, double spec) {
+  check(slot >= 0 && slot < decay.numel, "slot out of range of decay");
+  check(decay.dtype == kF32 || decay.dtype == kF64, "decay must be float32 or float64");
+  if (decay.dtype == kF64) return {static_cast<const double*>(decay.data)[slot], spec};
+  return {static_cast<double>(static_cast<const float*>(decay.data)[slot]), static_cast<double>(static_cast<float>(spec))};
+}
+
+// The (4, rows) float32/float64 stats buffer with contiguous rows: stride between its rows, and its rows.
+struct StatsBuf {
+  void* data;
+  int32_t dtype;
+  int64_t stride, rows;
+};
+
+StatsOut stats_out(const StatsBuf& stats, int64_t stat_row, int64_t rows) {
+  check(stats.dtype == kF32 || stats.dtype == kF64, "stats must be float32 or float64");
+  check(stat_row >= 0 && stat_row + rows <= stats.rows, "rows out of range of stats");
+  return StatsOut{stats.data, stats.dtype == kF64, stats.stride, stat_row};
 }
 
 // Pass 1 of every run: moments, row sums into stats; full and speculating runs are finished.
 template <typename Scalars, typename Step>
-void first_pass(const Batch& b, const torch::Tensor& stats, const torch::Tensor& spec_coef,
-                const std::vector<Scalars>& scalars, const Step& step) {
+void first_pass(const Batch& b, const StatsBuf& stats, const Buf& spec_coef, const std::vector<Scalars>& scalars,
+                int64_t threads, const Step& step) {
   std::vector<int64_t> units(b.count), cost(b.count);
   std::vector<char> elementwise_run(b.count);
   std::vector<StatsOut> sums(b.count);
@@ -532,38 +602,38 @@ void first_pass(const Batch& b, const torch::Tensor& stats, const torch::Tensor&
     units[i] = full ? r[kRows] * r[kLen] : r[kRows];
     cost[i] = full ? 1 : std::max<int64_t>(r[kLen], 1);
     if (!full) sums[i] = stats_out(stats, r[kStatRow], r[kRows]);
-    if (r[kMode] == kSpecChannel) check_rows_tensor(spec_coef, b.item(i)[2], r[kStatRow] + r[kRows], "spec_coef");
+    if (r[kMode] == kSpecChannel) check_rows_buf(spec_coef, b.state_dtype(i), r[kStatRow] + r[kRows], "spec_coef");
   }
-  const bool stats_double = stats.scalar_type() == at::kDouble;
-  run_shares(shares(units, cost, elementwise_run, at::get_num_threads()), [&](const Task& task) {
-    step(task, b.run(task.run), b.item(task.run), scalars[task.run], sums[task.run], stats_double);
+  const bool stats_double = stats.dtype == kF64;
+  run_shares(shares(units, cost, elementwise_run, threads), [&](const Task& task) {
+    step(task, b.run(task.run), b.item_ptrs(task.run), b.param_dtype(task.run), scalars[task.run], sums[task.run],
+         stats_double);
   });
 }
 
-// Pass 2 of every run: runs of a speculating pass 1 whose every row was guessed right are skipped whole. Returns
-// the rows written per run.
+// Pass 2 of every run: runs of a speculating pass 1 whose every row was guessed right are skipped whole. Adds
+// the rows written per run to `written`.
 template <typename Scalars, typename Step>
-torch::Tensor second_pass(const Batch& b, const torch::Tensor& coef, const torch::Tensor& spec_coef,
-                    const torch::Tensor& decay, std::vector<Scalars>& scalars, const Step& step) {
+void second_pass(const Batch& b, const Buf& coef, const Buf& spec_coef, const Buf& decay,
+                 std::vector<Scalars>& scalars, int64_t* written, int64_t threads, const Step& step) {
   std::vector<int64_t> units(b.count), cost(b.count);
   std::vector<char> elementwise_run(b.count, 0);
   std::vector<double> decays(b.count);
   for (int64_t i = 0; i < b.count; ++i) {
     const int64_t* r = b.run(i);
-    const torch::Tensor& state = b.item(i)[2];
-    check_rows_tensor(coef, state, r[kStatRow] + r[kRows], "coef");
-    if (r[kMode] == kRepairChannel) check_rows_tensor(spec_coef, state, r[kStatRow] + r[kRows], "spec_coef");
-    TORCH_CHECK(r[kStatRow] >= 0, "hf_adamp fused: a pass-2 run needs stats rows");
+    check(r[kStatRow] >= 0, "a pass-2 run needs stats rows");
+    check_rows_buf(coef, b.state_dtype(i), r[kStatRow] + r[kRows], "coef");
+    if (r[kMode] == kRepairChannel) check_rows_buf(spec_coef, b.state_dtype(i), r[kStatRow] + r[kRows], "spec_coef");
     const auto decided = slot_decay(decay, r[kSlot], scalars[i].decay);
     const double d = decided.first, spec = decided.second;
     decays[i] = d;
     scalars[i].decay = spec;
     bool active = true;
     if (r[kMode] != kApply) {
-      dispatch(b.item(i)[1], state, [&](auto, auto t0) {
+      dispatch(b.param_dtype(i), [&](auto, auto t0) {
         using T = decltype(t0);
-        const T* c = data_at<T>(coef, r[kStatRow]);
-        const T* sc = r[kMode] == kRepairChannel ? data_at<T>(spec_coef, r[kStatRow]) : nullptr;
+        const T* c = data_at<T>(coef.data, r[kStatRow]);
+        const T* sc = r[kMode] == kRepairChannel ? data_at<T>(spec_coef.data, r[kStatRow]) : nullptr;
         active = false;
         for (int64_t k = 0; k < r[kRows] && !active; ++k)
           active = !guessed_right<T>(r[kMode], c[k], static_cast<T>(d), sc, k, static_cast<T>(spec));
@@ -572,13 +642,11 @@ torch::Tensor second_pass(const Batch& b, const torch::Tensor& coef, const torch
     units[i] = active ? r[kRows] : 0;  // no work at all where the guess was right
     cost[i] = std::max<int64_t>(r[kLen], 1);
   }
-  auto written = torch::zeros({b.count}, torch::kLong);
-  int64_t* out = written.data_ptr<int64_t>();
-  run_shares(shares(units, cost, elementwise_run, at::get_num_threads()), [&](const Task& task) {
-    const int64_t n = step(task, b.run(task.run), b.item(task.run), scalars[task.run], decays[task.run]);
-    __atomic_fetch_add(&out[task.run], n, __ATOMIC_RELAXED);
+  run_shares(shares(units, cost, elementwise_run, threads), [&](const Task& task) {
+    const int64_t n = step(task, b.run(task.run), b.item_ptrs(task.run), b.param_dtype(task.run), scalars[task.run],
+                           decays[task.run]);
+    __atomic_fetch_add(&written[task.run], n, __ATOMIC_RELAXED);
   });
-  return written;
 }
 
 // What the entry points need of each optimizer: its scalars, tensors per parameter, and the row kernels.
@@ -589,13 +657,13 @@ struct AdamKernels {
     return Scalars{x[kBeta1], x[kBeta2], x[kEpsS], x[kStep], x[kDecay], x[kEps], x[kNesterov] != 0, x[kMaximize] != 0};
   }
   template <typename P, typename T, int M, bool NEST>
-  static void pass1(const torch::Tensor* t, int64_t at, int64_t lo, int64_t hi, int64_t len, const Scalars& s,
+  static void pass1(void* const* t, int64_t at, int64_t lo, int64_t hi, int64_t len, const Scalars& s,
                     const StatsOut& sums, T* coef, bool stats_double, T* row) {
     adam_pass1_rows<P, T, M, NEST>(data_at<P>(t[0], at), data_at<P>(t[1], at), data_at<T>(t[2], at),
                                    data_at<T>(t[3], at), lo, hi, len, s, sums, coef, stats_double, row);
   }
   template <typename P, typename T, int R, bool NEST>
-  static int64_t pass2(const torch::Tensor* t, int64_t at, const T* coef, const T* spec_coef, int64_t lo, int64_t hi,
+  static int64_t pass2(void* const* t, int64_t at, const T* coef, const T* spec_coef, int64_t lo, int64_t hi,
                        int64_t len, const Scalars& s, double decay) {
     return adam_pass2_rows<P, T, NEST, R>(data_at<P>(t[0], at), data_at<P>(t[1], at), data_at<T>(t[2], at),
                                           data_at<T>(t[3], at), coef, spec_coef, lo, hi, len, s, decay);
@@ -610,23 +678,23 @@ struct SgdKernels {
                    x[kSgdMaximize] != 0};
   }
   template <typename P, typename T, int M, bool NEST>
-  static void pass1(const torch::Tensor* t, int64_t at, int64_t lo, int64_t hi, int64_t len, const Scalars& s,
+  static void pass1(void* const* t, int64_t at, int64_t lo, int64_t hi, int64_t len, const Scalars& s,
                     const StatsOut& sums, T* coef, bool stats_double, T* row) {
     sgd_pass1_rows<P, T, M, NEST>(data_at<P>(t[0], at), data_at<P>(t[1], at), data_at<T>(t[2], at), lo, hi, len, s,
                                   sums, coef, stats_double, row);
   }
   template <typename P, typename T, int R, bool NEST>
-  static int64_t pass2(const torch::Tensor* t, int64_t at, const T* coef, const T* spec_coef, int64_t lo, int64_t hi,
+  static int64_t pass2(void* const* t, int64_t at, const T* coef, const T* spec_coef, int64_t lo, int64_t hi,
                        int64_t len, const Scalars& s, double decay) {
     return sgd_pass2_rows<P, T, NEST, R>(data_at<P>(t[0], at), data_at<P>(t[1], at), data_at<T>(t[2], at), coef,
                                          spec_coef, lo, hi, len, s, decay);
   }
 };
 
-// Calls fn(P, T, mode, nesterov) for a run's (parameter, state) dtypes and mode, all as compile-time types.
+// Calls fn(P, T, mode, nesterov) for a run's parameter dtype and mode, all as compile-time types.
 template <int Modes, typename F>
-void for_run(const torch::Tensor* t, int64_t mode, bool nesterov, const F& fn) {
-  dispatch(t[1], t[2], [&](auto p0, auto t0) {
+void for_run(int32_t param_dtype, int64_t mode, bool nesterov, const F& fn) {
+  dispatch(param_dtype, [&](auto p0, auto t0) {
     with_mode<Modes>(mode, nesterov, [&](auto mode_c, auto nest_c) { fn(p0, t0, mode_c, nest_c); });
   });
 }
@@ -640,13 +708,12 @@ std::vector<typename K::Scalars> run_scalars(const Batch& b) {
 
 // Pass 1 over all runs. spec_coef is a per-stats-row buffer (state dtype) that kSpecChannel runs fill.
 template <typename K>
-void first(std::vector<torch::Tensor> tensors, torch::Tensor runs, torch::Tensor scalars, torch::Tensor stats,
-           torch::Tensor spec_coef) {
-  const Batch b = batch(std::move(tensors), K::kPer, runs, scalars, K::kCols, 4);
-  first_pass(b, stats, spec_coef, run_scalars<K>(b), [&](const Task& task, const int64_t* r, const torch::Tensor* t,
-                                                         const typename K::Scalars& s, const StatsOut& sums,
-                                                         bool stats_double) {
-    for_run<4>(t, r[kMode], s.nesterov, [&](auto p0, auto t0, auto mode_c, auto nest_c) {
+void first(const Batch& b, const StatsBuf& stats, const Buf& spec_coef, int64_t threads) {
+  first_pass(b, stats, spec_coef, run_scalars<K>(b), threads, [&](const Task& task, const int64_t* r,
+                                                                  void* const* t, int32_t param_dtype,
+                                                                  const typename K::Scalars& s, const StatsOut& sums,
+                                                                  bool stats_double) {
+    for_run<4>(param_dtype, r[kMode], s.nesterov, [&](auto p0, auto t0, auto mode_c, auto nest_c) {
       using P = decltype(p0);
       using T = decltype(t0);
       constexpr int M = decltype(mode_c)::value;
@@ -655,7 +722,7 @@ void first(std::vector<torch::Tensor> tensors, torch::Tensor runs, torch::Tensor
         K::template pass1<P, T, M, NEST>(t, r[kStart], task.lo, task.hi, 1, s, sums, nullptr, false, nullptr);
       } else {
         std::vector<T> row(M == kSpecChannel ? r[kLen] : 0);  // the row's update, in cache until applied
-        T* coef = M == kSpecChannel ? data_at<T>(spec_coef, r[kStatRow]) : nullptr;
+        T* coef = M == kSpecChannel ? data_at<T>(spec_coef.data, r[kStatRow]) : nullptr;
         K::template pass1<P, T, M, NEST>(t, r[kStart], task.lo, task.hi, r[kLen], s, sums, coef, stats_double,
                                          row.data());
       }
@@ -663,20 +730,20 @@ void first(std::vector<torch::Tensor> tensors, torch::Tensor runs, torch::Tensor
   });
 }
 
-// Pass 2 over all runs (mode: kApply, kRepair, kRepairChannel). Returns the rows written per run.
+// Pass 2 over all runs (mode: kApply, kRepair, kRepairChannel). Adds the rows written per run to `written`.
 template <typename K>
-torch::Tensor second(std::vector<torch::Tensor> tensors, torch::Tensor runs, torch::Tensor scalars, torch::Tensor coef,
-                     torch::Tensor spec_coef, torch::Tensor decay) {
-  const Batch b = batch(std::move(tensors), K::kPer, runs, scalars, K::kCols, 3);
+void second(const Batch& b, const Buf& coef, const Buf& spec_coef, const Buf& decay, int64_t* written,
+            int64_t threads) {
   auto s = run_scalars<K>(b);
-  return second_pass(b, coef, spec_coef, decay, s, [&](const Task& task, const int64_t* r, const torch::Tensor* t,
-                                                       const typename K::Scalars& sc, double d) {
+  second_pass(b, coef, spec_coef, decay, s, written, threads, [&](const Task& task, const int64_t* r, void* const* t,
+                                                                  int32_t param_dtype, const typename K::Scalars& sc,
+                                                                  double d) {
     int64_t n = 0;
-    for_run<3>(t, r[kMode], sc.nesterov, [&](auto p0, auto t0, auto mode_c, auto nest_c) {
+    for_run<3>(param_dtype, r[kMode], sc.nesterov, [&](auto p0, auto t0, auto mode_c, auto nest_c) {
       using P = decltype(p0);
       using T = decltype(t0);
-      const T* c = data_at<T>(coef, r[kStatRow]);
-      const T* spc = r[kMode] == kRepairChannel ? data_at<T>(spec_coef, r[kStatRow]) : nullptr;
+      const T* c = data_at<T>(coef.data, r[kStatRow]);
+      const T* spc = r[kMode] == kRepairChannel ? data_at<T>(spec_coef.data, r[kStatRow]) : nullptr;
       n = K::template pass2<P, T, decltype(mode_c)::value, decltype(nest_c)::value>(t, r[kStart], c, spc, task.lo,
                                                                                     task.hi, r[kLen], sc, d);
     });
@@ -738,35 +805,112 @@ void decide_impl(const S* stats, int64_t stride, const int64_t* counts, const do
   }
 }
 
-std::vector<torch::Tensor> decide(torch::Tensor stats, torch::Tensor counts, torch::Tensor row_len,
-                                  torch::Tensor numel, torch::Tensor delta, torch::Tensor eps) {
-  TORCH_CHECK(stats.device().is_cpu() && stats.dim() == 2 && stats.size(0) == 4 && stats.stride(1) == 1,
-              "hf_adamp decide: stats must be a (4, rows) CPU tensor with contiguous rows");
-  const int64_t slots = counts.numel();
-  for (const auto* t : {&row_len, &numel, &delta, &eps})
-    TORCH_CHECK(t->scalar_type() == at::kDouble && t->numel() == slots && t->is_contiguous(),
-                "hf_adamp decide: per-slot arguments must be contiguous float64 tensors of one length");
-  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous(), "hf_adamp decide: counts must be int64");
-  TORCH_CHECK(counts.sum().item<int64_t>() == stats.size(1), "hf_adamp decide: row counts do not add up to the rows");
-  auto coef = torch::empty({stats.size(1)}, stats.options());
-  auto projected = torch::empty({slots}, stats.options().dtype(at::kBool));
-  auto kind = torch::empty({slots}, stats.options().dtype(at::kChar));
-  auto weight_norm = torch::empty({slots}, stats.options());
-  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "hf_adamp_decide", [&] {
-    decide_impl<scalar_t>(stats.data_ptr<scalar_t>(), stats.stride(0), counts.data_ptr<int64_t>(),
-                          row_len.data_ptr<double>(), numel.data_ptr<double>(), delta.data_ptr<double>(),
-                          eps.data_ptr<double>(), slots, coef.data_ptr<scalar_t>(), projected.data_ptr<bool>(),
-                          kind.data_ptr<int8_t>(), weight_norm.data_ptr<scalar_t>());
+// Runs fn, turning an exception into a return code of 1 and its message into err (err_size bytes, terminated).
+template <typename F>
+int guarded(char* err, int64_t err_size, const F& fn) {
+  try {
+    fn();
+    return 0;
+  } catch (const std::exception& e) {
+    if (err != nullptr && err_size > 0) {
+      std::strncpy(err, e.what(), static_cast<size_t>(err_size - 1));
+      err[err_size - 1] = '\0';
+    }
+    return 1;
+  }
+}
+
+// The bodies of the entry points, per optimizer K (the tensor table as in batch()).
+template <typename K>
+int first_entry(void* const* ptrs, const int64_t* numels, const int32_t* dtypes, int64_t n_tensors,
+                const int64_t* runs, int64_t n_runs, const double* scalars, int64_t cols, void* stats,
+                int32_t stats_dtype, int64_t stats_stride, int64_t stats_rows, void* spec_coef, int32_t spec_dtype,
+                int64_t spec_numel, int32_t threads, char* err, int64_t err_size) {
+  return guarded(err, err_size, [&] {
+    const Batch b = batch(ptrs, numels, dtypes, n_tensors, K::kPer, runs, n_runs, scalars, cols, K::kCols, 4);
+    first<K>(b, StatsBuf{stats, stats_dtype, stats_stride, stats_rows}, Buf{spec_coef, spec_numel, spec_dtype},
+             threads);
   });
-  return {coef, projected, kind, weight_norm};
+}
+
+template <typename K>
+int second_entry(void* const* ptrs, const int64_t* numels, const int32_t* dtypes, int64_t n_tensors,
+                 const int64_t* runs, int64_t n_runs, const double* scalars, int64_t cols, void* coef,
+                 int32_t coef_dtype, int64_t coef_numel, void* spec_coef, int32_t spec_dtype, int64_t spec_numel,
+                 void* decay, int32_t decay_dtype, int64_t decay_numel, int64_t* written, int32_t threads, char* err,
+                 int64_t err_size) {
+  return guarded(err, err_size, [&] {
+    const Batch b = batch(ptrs, numels, dtypes, n_tensors, K::kPer, runs, n_runs, scalars, cols, K::kCols, 3);
+    second<K>(b, Buf{coef, coef_numel, coef_dtype}, Buf{spec_coef, spec_numel, spec_dtype},
+              Buf{decay, decay_numel, decay_dtype}, written, threads);
+  });
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("adam_first", &first<AdamKernels>, "AdamP pass 1: moments, row sums; finishes full/speculated runs");
-  m.def("adam_second", &second<AdamKernels>, "AdamP pass 2: projection, decay, step (or repair); rows written per run");
-  m.def("sgd_first", &first<SgdKernels>, "SGDP pass 1: momentum, row sums; finishes full/speculated runs");
-  m.def("sgd_second", &second<SgdKernels>, "SGDP pass 2: projection, decay, step (or repair); rows written per run");
-  m.def("decide", &decide, "projection.decide on a CPU stats buffer: coef, projected, kind, weight_norm");
+// ------------------------------------------------------------------------------------------------ C entry points
+// Every entry returns 0, or 1 with the reason in err. The library may be compiled as two units in parallel
+// (HF_ADAMP_PART 0: AdamP and the decision, 1: SGDP), then linked; without HF_ADAMP_PART one unit has them all.
+#define HF_ADAMP_FIRST_ARGS                                                                                         \
+  void *const *ptrs, const int64_t *numels, const int32_t *dtypes, int64_t n_tensors, const int64_t *runs,          \
+      int64_t n_runs, const double *scalars, int64_t cols, void *stats, int32_t stats_dtype, int64_t stats_stride, \
+      int64_t stats_rows, void *spec_coef, int32_t spec_dtype, int64_t spec_numel, int32_t threads, char *err,     \
+      int64_t err_size
+#define HF_ADAMP_FIRST_CALL                                                                                      \
+  ptrs, numels, dtypes, n_tensors, runs, n_runs, scalars, cols, stats, stats_dtype, stats_stride, stats_rows, \
+      spec_coef, spec_dtype, spec_numel, threads, err, err_size
+#define HF_ADAMP_SECOND_ARGS                                                                                     \
+  void *const *ptrs, const int64_t *numels, const int32_t *dtypes, int64_t n_tensors, const int64_t *runs,       \
+      int64_t n_runs, const double *scalars, int64_t cols, void *coef, int32_t coef_dtype, int64_t coef_numel,   \
+      void *spec_coef, int32_t spec_dtype, int64_t spec_numel, void *decay, int32_t decay_dtype,                \
+      int64_t decay_numel, int64_t *written, int32_t threads, char *err, int64_t err_size
+#define HF_ADAMP_SECOND_CALL                                                                                    \
+  ptrs, numels, dtypes, n_tensors, runs, n_runs, scalars, cols, coef, coef_dtype, coef_numel, spec_coef,     \
+      spec_dtype, spec_numel, decay, decay_dtype, decay_numel, written, threads, err, err_size
+
+extern "C" {
+
+#if !defined(HF_ADAMP_PART) || HF_ADAMP_PART == 0
+#ifndef HF_ADAMP_BUILD_KEY
+#define HF_ADAMP_BUILD_KEY "unkeyed"
+#endif
+// The key this library was built for (the loader checks it: a library never runs under another source's key).
+const char* hf_adamp_build_key() { return HF_ADAMP_BUILD_KEY; }
+
+// AdamP pass 1: moments, row sums; finishes full and speculated runs.
+int hf_adamp_adam_first(HF_ADAMP_FIRST_ARGS) { return first_entry<AdamKernels>(HF_ADAMP_FIRST_CALL); }
+
+// AdamP pass 2: projection, decay, step (or repair); adds the rows written per run to written[n_runs].
+int hf_adamp_adam_second(HF_ADAMP_SECOND_ARGS) { return second_entry<AdamKernels>(HF_ADAMP_SECOND_CALL); }
+
+// projection.decide on a (4, rows) stats buffer (float32/float64, rows contiguous); outputs of the caller's
+// making: coef[rows] and weight_norm[slots] in the stats dtype, projected[slots] (bool), kind[slots] (int8).
+int hf_adamp_decide(const void* stats, int32_t dtype, int64_t stride, int64_t rows, const int64_t* counts,
+                    const double* row_len, const double* numel, const double* delta, const double* eps, int64_t slots,
+                    void* coef, bool* projected, int8_t* kind, void* weight_norm, char* err, int64_t err_size) {
+  return guarded(err, err_size, [&] {
+    int64_t total = 0;
+    for (int64_t k = 0; k < slots; ++k) {
+      check(counts[k] >= 0, "decide: negative row count");
+      total += counts[k];
+    }
+    check(total == rows, "decide: row counts do not add up to the rows");
+    check(dtype == kF32 || dtype == kF64, "decide: stats must be float32 or float64");
+    if (dtype == kF64) {
+      decide_impl<double>(static_cast<const double*>(stats), stride, counts, row_len, numel, delta, eps, slots,
+                          static_cast<double*>(coef), projected, kind, static_cast<double*>(weight_norm));
+    } else {
+      decide_impl<float>(static_cast<const float*>(stats), stride, counts, row_len, numel, delta, eps, slots,
+                         static_cast<float*>(coef), projected, kind, static_cast<float*>(weight_norm));
+    }
+  });
 }
+#endif
+
+#if !defined(HF_ADAMP_PART) || HF_ADAMP_PART == 1
+// SGDP pass 1 and pass 2, as AdamP's.
+int hf_adamp_sgd_first(HF_ADAMP_FIRST_ARGS) { return first_entry<SgdKernels>(HF_ADAMP_FIRST_CALL); }
+int hf_adamp_sgd_second(HF_ADAMP_SECOND_ARGS) { return second_entry<SgdKernels>(HF_ADAMP_SECOND_CALL); }
+#endif
+
+}  // extern "C"
