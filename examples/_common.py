@@ -165,6 +165,17 @@ def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+# ----- the end of a run -----
+def end_distributed() -> None:
+    """Leave the process group before the interpreter exits: a gloo group torn down by exit handlers instead
+    can abort a rank ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ----- checkpoints -----
 def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
     """``--resume_from_checkpoint last`` (or ``true``) -> the newest checkpoint in output_dir; a path as is."""

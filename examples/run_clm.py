@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common & co. next to this file
 
 from _common import (  # noqa: E402
+    end_distributed,
     load_hub_dataset,
     parse_arguments,
     read_lines,
@@ -216,3 +217,4 @@ def _safe_exp(x: float) -> float:
 
 if __name__ == "__main__":
     main()
+    end_distributed()

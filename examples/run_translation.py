@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common & co. next to this file
 
 from _common import (  # noqa: E402
+    end_distributed,
     is_jsonl,
     load_hub_dataset,
     parse_arguments,
@@ -275,3 +276,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    end_distributed()
