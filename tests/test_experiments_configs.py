@@ -5,7 +5,7 @@
 - accelerate YAMLs: load with accelerate's own config loader; DeepSpeed JSONs: no "optimizer" section,
   and ZeRO-2, ZeRO-3 and ZeRO-2-Offload each run through run_clm.py + Trainer + DeepSpeed in one CPU process;
   zero2.json also on 2 CPU ranks with AdamP (sharding layouts attached by hf_adamp), against one process.
-FSDP2 cannot run on CPU through accelerate/Trainer (DESIGN.md section 4): its config is only loaded and checked.
+FSDP2 cannot run on CPU through accelerate/Trainer: its config is only loaded and checked.
 """
 
 from __future__ import annotations

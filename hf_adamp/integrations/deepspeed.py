@@ -1,6 +1,6 @@
 """DeepSpeed through the Trainer and Accelerate: make sure the optimizer that runs is the one asked for.
 
-Three ways a different optimizer could run silently (DESIGN.md sections 3 and 4):
+Three ways a different optimizer could run silently:
 
 * a DeepSpeed config with an "optimizer" section makes the Trainer build DeepSpeed's optimizer and
   ignore ``optim="adamp"`` -> ``check_trainer_deepspeed_config`` raises;

@@ -1,6 +1,6 @@
 """``TrainingArguments(optim="adamp" | "sgdp" | "radam")`` for the stock ``transformers.Trainer``.
 
-transformers has a closed ``OptimizerNames`` enum and no public registry (DESIGN.md section 4), so this
+transformers has a closed ``OptimizerNames`` enum and no public registry, so this
 module adds three members to the enum and routes those names, before the stock ``optim_args`` parsing,
 through ``Trainer.get_optimizer_cls_and_kwargs``. Everything here is idempotent: a patch applied twice
 leaves the same state as once. The patches land when the transformers modules load (see

@@ -1,4 +1,4 @@
-"""Triton kernels of the AdamP and SGDP steps, for CUDA tensors (DESIGN.md section 2).
+"""Triton kernels of the AdamP and SGDP steps, for CUDA tensors (the maths in hf_adamp/projection.py).
 
 Same two-pass structure as the C++ CPU kernels (``adamp_cpu.cpp``). A call works on one run of a flat tensor
 viewed as (rows, row_len); the state and all arithmetic are fp32, and fp16/bf16 weights are rounded once.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,13 +27,19 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm  # torch's own weight-norm parametrization class
 from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
-from transformers.pytorch_utils import Conv1D
 
 from .rules import model_family, rule_for
 
 logger = logging.getLogger(__name__)
 
 Conv1DLayout = Literal["out_in", "in_out"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``, recognised without importing transformers: a model holding one has
+    imported it already, and ``import hf_adamp`` stays free of transformers."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 _GAIN = "parametrizations.weight.original0"
 _DIRECTION = "parametrizations.weight.original1"
 # Written next to the plain weights by save_pretrained: g and v as they are, for an exact resume.
@@ -171,7 +178,7 @@ def apply_weight_norm(
     summary = WeightNormSummary(family=None if include_patterns else family)
     shared = _shared_parameter_ids(model)
     for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, Conv1D)) or not selects(name):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)) or not selects(name):
             continue
         if any(p.search(name) for p in exclude_patterns):
             summary.skipped[name] = "excluded by pattern"
@@ -206,7 +213,7 @@ def _wrap(module: nn.Module, conv1d_layout: Conv1DLayout) -> str:
 
 
 def _wrap_full(module: nn.Module, conv1d_layout: Conv1DLayout) -> str:
-    if isinstance(module, Conv1D):
+    if is_conv1d(module):
         if conv1d_layout == "out_in":
             parametrize.register_parametrization(module, "weight", TransposedWeightNorm())
             layout = "Conv1D, v [out, in], norm per row"
@@ -315,7 +322,7 @@ def remove_weight_norm(model: nn.Module) -> list[str]:
     folded = []
     for name, module in list(weight_normed_modules(model)):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        if isinstance(module, Conv1D):  # the Conv1D layout leaves a transposed (strided) view behind
+        if is_conv1d(module):  # the Conv1D layout leaves a transposed (strided) view behind
             module.weight = nn.Parameter(module.weight.detach().contiguous(), module.weight.requires_grad)
         folded.append(name)
     if not folded:
