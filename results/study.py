@@ -354,46 +354,59 @@ PLOTS = {
 
 
 def plot_report(out: Path) -> list[Path]:
-    """Per task and curve: the mean over seeds, with a band from the lowest to the highest seed."""
+    """Per task and curve: the mean over seeds, with a band from the lowest to the highest seed; and the LM sweep's
+    runs, one line per rate."""
+    written = []
+    for task, panels in PLOTS.items():
+        configs = LM_CONFIGS if task == "lm" else MT_CONFIGS
+        groups = {configs[c]: seeded_results(task, c) for c in configs}
+        name = "WikiText-2 LM" if task == "lm" else "Multi30k De-En"
+        for key, title, log_y in panels:
+            path = out / f"{task}_{key.replace('/', '_').replace('scale_invariant_', '')}.png"
+            written += draw(groups, key, f"{name}: {title}", log_y, path)
+    sweep = {
+        f"{LM_CONFIGS[c]}, lr {lr:g}": [r]
+        for c in ("adamw_wn", "adamp_wn")
+        for lr in LM_SWEEP
+        if (r := load(Run("lm", c, lr, 0).path)) is not None
+    }
+    for key, title, log_y in PLOTS["lm"]:
+        path = out / f"lm_sweep_{key.replace('/', '_').replace('scale_invariant_', '')}.png"
+        written += draw(sweep, key, f"WikiText-2 LM, rate sweep (seed 0): {title}", log_y, path)
+    return written
+
+
+def draw(groups: dict[str, list[dict]], key: str, title: str, log_y: bool, path: Path) -> list[Path]:
+    """One PNG of curve ``key``: a line per group (mean over its runs, a min-max band when there are several)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    written = []
-    for task, panels in PLOTS.items():
-        configs = LM_CONFIGS if task == "lm" else MT_CONFIGS
-        runs = {c: seeded_results(task, c) for c in configs}
-        for key, title, log_y in panels:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            drawn = False
-            for config, rs in runs.items():
-                series = [r["curves"][key] for r in rs if key in r["curves"]]
-                if not series:
-                    continue
-                n = min(len(s) for s in series)
-                steps = np.array([p[0] for p in series[0][:n]])
-                values = np.array([[p[1] for p in s[:n]] for s in series])
-                label = f"{configs[config]} ({len(series)} seed{'s' if len(series) > 1 else ''})"
-                (line,) = ax.plot(steps, values.mean(0), label=label)
-                if len(series) > 1:
-                    ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
-                drawn = True
-            if not drawn:
-                plt.close(fig)
-                continue
-            ax.set(title=f"{'WikiText-2 LM' if task == 'lm' else 'Multi30k De-En'}: {title}", xlabel="step")
-            if log_y:
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / f"{task}_{key.replace('/', '_').replace('scale_invariant_', '')}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
-    return written
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for label, rs in groups.items():
+        series = [r["curves"][key] for r in rs if key in r["curves"]]
+        if not series:
+            continue
+        n = min(len(s) for s in series)
+        steps = np.array([p[0] for p in series[0][:n]])
+        values = np.array([[p[1] for p in s[:n]] for s in series])
+        (line,) = ax.plot(steps, values.mean(0), label=f"{label} ({len(series)} seed{'s' if len(series) > 1 else ''})")
+        if len(series) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+        drawn = True
+    if drawn:
+        ax.set(title=title, xlabel="step")
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path] if drawn else []
 
 
 def write_report() -> None:
@@ -447,7 +460,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def selected(args: argparse.Namespace) -> list[Run]:
-    return [r for r in plan(args.data, args.mt_data) if not args.only or any(o in r.name for o in args.only)]
+    def chosen(run: Run) -> bool:  # a seeded config's name also selects its seed-0 sweep run
+        return not args.only or any(o in run.name or o in run.name.replace("sweep/", "") for o in args.only)
+
+    return [r for r in plan(args.data, args.mt_data) if chosen(r)]
 
 
 def run_all(args: argparse.Namespace) -> int:
