@@ -26,8 +26,12 @@ class Bleu:
             self.route = f"evaluate.load({metric!r})"
         except Exception as err:  # offline, or no such script: the sacrebleu package gives the same score
             self.route = "sacrebleu.corpus_bleu"
-            logger.warning("evaluate.load(%r) failed (%s: %s); computing BLEU with the sacrebleu package",
-                           metric, type(err).__name__, str(err)[:200])
+            logger.warning(
+                "evaluate.load(%r) failed (%s: %s); computing BLEU with the sacrebleu package",
+                metric,
+                type(err).__name__,
+                str(err)[:200],
+            )
             try:
                 import sacrebleu  # noqa: F401
             except ImportError:

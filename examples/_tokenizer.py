@@ -14,8 +14,15 @@ from collections.abc import Iterable
 logger = logging.getLogger("hf_adamp.examples")
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model", "source.spm")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "source.spm",
+)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, append_eos: bool):

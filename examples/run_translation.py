@@ -96,8 +96,10 @@ class DataArguments:
             if src is not None and getattr(self, f"{split}_file") is not None:
                 raise ValueError(f"Give --{split}_file or --{split}_source_file/--{split}_target_file, not both.")
         if not self.has_local_files() and self.dataset_name is None:
-            raise ValueError("Give local files (--train_source_file/--train_target_file or --train_file) "
-                             "or --dataset_name (a hub dataset).")
+            raise ValueError(
+                "Give local files (--train_source_file/--train_target_file or --train_file) "
+                "or --dataset_name (a hub dataset)."
+            )
         if self.has_local_files() and not self.has_local("train"):
             raise ValueError("Local validation/test files need local training files too.")
 
@@ -155,8 +157,9 @@ def encode(pairs: tuple[list[str], list[str]], tokenizer, data: DataArguments):
     )
     if data.max_target_length != data.max_source_length:
         enc["labels"] = tokenizer(text_target=targets, max_length=data.max_target_length, truncation=True)["input_ids"]
-    return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                              "labels": enc["labels"]})
+    return Dataset.from_dict(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": enc["labels"]}
+    )
 
 
 def build_model(model_args: ModelArguments, tokenizer, data: DataArguments):

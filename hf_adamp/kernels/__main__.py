@@ -1,7 +1,7 @@
 """Report on hf_adamp's fused CPU kernels, or build them ahead of time.
 
-    python -m hf_adamp.kernels          # built? for which ISA, where cached, build time; why not, if unavailable
-    python -m hf_adamp.kernels build    # build now (or load the cached build), then report; exit 1 if it fails
+python -m hf_adamp.kernels          # built? for which ISA, where cached, build time; why not, if unavailable
+python -m hf_adamp.kernels build    # build now (or load the cached build), then report; exit 1 if it fails
 """
 
 from __future__ import annotations

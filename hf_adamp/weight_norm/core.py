@@ -40,6 +40,8 @@ def is_conv1d(module: nn.Module) -> bool:
     imported it already, and ``import hf_adamp`` stays free of transformers."""
     conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
     return conv1d is not None and isinstance(module, conv1d)
+
+
 _GAIN = "parametrizations.weight.original0"
 _DIRECTION = "parametrizations.weight.original1"
 # Written next to the plain weights by save_pretrained: g and v as they are, for an exact resume.
