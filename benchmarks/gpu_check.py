@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
+os.environ.setdefault("HF_ADAMP_TRITON", "1")  # the CUDA path checked here is opt-in for users
 import hf_adamp  # noqa: E402
 from hf_adamp import kernels  # noqa: E402
 from hf_adamp.optim import _triton  # noqa: E402

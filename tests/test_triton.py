@@ -231,3 +231,19 @@ def test_inf_weight_element_stays_inf(spy, name):
     assert spy.used(kind(name))
     assert torch.isinf(r[1, 3]) and torch.equal(torch.isnan(p), torch.isnan(r))
     torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_is_opt_in_on_cuda(monkeypatch):
+    """CUDA tensors take the Triton kernels only with HF_ADAMP_TRITON=1 (not yet run on a GPU); CPU tensors
+    only under the test interpreter."""
+    from hf_adamp.optim import _triton
+
+    for var in (_triton.OPT_IN_ENV, _triton.ON_CPU_ENV, "TRITON_INTERPRET"):
+        monkeypatch.delenv(var, raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not _triton.wanted_on(cuda) and not _triton.wanted_on(cpu)
+    monkeypatch.setenv(_triton.OPT_IN_ENV, "1")
+    assert _triton.wanted_on(cuda) and not _triton.wanted_on(cpu)
+    monkeypatch.setenv(_triton.ON_CPU_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _triton.wanted_on(cpu)

@@ -6,9 +6,10 @@ here reads a device value on the host: the decision's coefficients and decay fac
 pointers, so a step is free of host syncs. No speculation (``HF_ADAMP_SPECULATE``) on this path: choosing it
 needs the previous step's outcome on the host.
 
-triton is imported on first use only, for a CUDA tensor (or, in tests, a CPU tensor under
-``HF_ADAMP_TRITON_ON_CPU=1`` and ``TRITON_INTERPRET=1``, Triton's interpreter); a CPU-only install never
-imports it. ``HF_ADAMP_DISABLE_FUSED=1`` turns this path off too.
+Opt-in until a GPU run of ``benchmarks/gpu_check.py`` has passed: CUDA tensors take the eager torch path
+unless ``HF_ADAMP_TRITON=1``. triton is imported on first use only, for a CUDA tensor (or, in tests, a CPU
+tensor under ``HF_ADAMP_TRITON_ON_CPU=1`` and ``TRITON_INTERPRET=1``, Triton's interpreter); a CPU-only
+install never imports it. ``HF_ADAMP_DISABLE_FUSED=1`` turns this path off too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ._fused import merge_runs
 logger = logging.getLogger(__name__)
 
 ON_CPU_ENV = "HF_ADAMP_TRITON_ON_CPU"
+OPT_IN_ENV = "HF_ADAMP_TRITON"  # the kernels have passed the interpreter's tests, not yet a GPU's
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 takes the eager path
 _module: ModuleType | None = None
 _failed: str | None = None
@@ -45,6 +47,13 @@ class Plan:
 
 def forced_on_cpu() -> bool:
     return os.environ.get(ON_CPU_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def wanted_on(device: torch.device) -> bool:
+    """Whether a tensor on ``device`` should take the Triton kernels: CUDA with the opt-in, or the interpreter."""
+    if device.type == "cuda":
+        return os.environ.get(OPT_IN_ENV) == "1"
+    return device.type == "cpu" and forced_on_cpu()
 
 
 def available() -> bool:
@@ -68,8 +77,8 @@ def usable(item: Item, state_keys: tuple[str, ...]) -> bool:
     """The Triton kernels can step this tensor: CUDA (or the test interpreter), fp32/fp16/bf16 weights with
     gradient of the same dtype, fp32 state laid out like the weight."""
     p = item.param
-    if p.device.type != "cuda" and not (p.device.type == "cpu" and forced_on_cpu()):
-        return False  # checked first: CPU tensors never get near the triton import
+    if not wanted_on(p.device):
+        return False  # checked first: tensors that do not want the kernels never get near the triton import
     if kernels.disabled_by_env() or p.dtype not in _DTYPES or item.grad.dtype != p.dtype:
         return False
     for key in state_keys:
