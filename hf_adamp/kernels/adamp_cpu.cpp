@@ -182,13 +182,14 @@ inline double lane_sum(T* a) {
   return a[0];
 }
 
-// Row sums of elem(j, gp, gg, pp, pu) over [lo, hi), added into out[4]. Accumulates in A over short blocks
-// with per-lane accumulators (vectorises without reassociation flags), then in double across blocks, so long
-// rows keep double-like accuracy. The passes use A = double with products in double: fp32 products and sums
-// overflow where the reference's normalised sums do not (|g| or |p| ~ 1e19). The lanes are summed by halving: a lane-by-lane scalar sum cost a fifth of
-// the whole pass on rows of 768.
-template <typename A, typename F>
-inline void blocked_sums(int64_t lo, int64_t hi, double* out, const F& elem) {
+// Row sums of elem(j, o, gp, gg, pp, pu) over [lo, hi) (o: j's offset in its block), added into out[4].
+// Accumulates in A over blocks of kBlock with per-lane accumulators (vectorises without reassociation flags), then
+// in double across blocks, so long rows keep double-like accuracy. The lanes are summed by halving: a lane-by-lane
+// scalar sum cost a fifth of the whole pass on rows of 768. A float block whose sums are not finite (products
+// overflow at |g| or |p| ~ 1e19, where the reference's normalised sums do not) is summed again by
+// redo(j, o, gp, gg, pp, pu) with double products; doing so for every block made the whole step 10-25 % slower.
+template <typename A, typename F, typename R>
+inline void blocked_sums(int64_t lo, int64_t hi, double* out, const F& elem, const R& redo) {
   constexpr int L = 64 / sizeof(A);  // lanes: two AVX2 vectors
   for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
     const int64_t be = std::min(hi, b0 + kBlock);
@@ -196,12 +197,28 @@ inline void blocked_sums(int64_t lo, int64_t hi, double* out, const F& elem) {
     int64_t j = b0;
     for (; j + L <= be; j += L) {
 #pragma omp simd
-      for (int l = 0; l < L; ++l) elem(j + l, a0[l], a1[l], a2[l], a3[l]);
+      for (int l = 0; l < L; ++l) elem(j + l, j + l - b0, a0[l], a1[l], a2[l], a3[l]);
     }
-    for (; j < be; ++j) elem(j, a0[0], a1[0], a2[0], a3[0]);
-    out[0] += lane_sum<A, L>(a0), out[1] += lane_sum<A, L>(a1);
-    out[2] += lane_sum<A, L>(a2), out[3] += lane_sum<A, L>(a3);
+    for (; j < be; ++j) elem(j, j - b0, a0[0], a1[0], a2[0], a3[0]);
+    double block[4] = {lane_sum<A, L>(a0), lane_sum<A, L>(a1), lane_sum<A, L>(a2), lane_sum<A, L>(a3)};
+    if constexpr (!std::is_same_v<A, double>) {
+      if (!(std::isfinite(block[0]) && std::isfinite(block[1]) && std::isfinite(block[2]) &&
+            std::isfinite(block[3]))) {
+        std::fill(block, block + 4, 0.0);
+        blocked_sums<double>(b0, be, block, redo, redo);
+      }
+    }
+    for (int k = 0; k < 4; ++k) out[k] += block[k];
   }
+}
+
+// One element's terms of the row sums, added in A: g.p, g.g, p.p and p.u (FMA in the sums only, see madd).
+template <typename A, typename T>
+inline void add_terms(T gj, T pj, T uj, A& gp, A& gg, A& pp, A& pu) {
+  gp = madd<A>(gj, pj, gp);
+  gg = madd<A>(gj, gj, gg);
+  pp = madd<A>(pj, pj, pp);
+  pu = madd<A>(pj, uj, pu);
 }
 
 // Element-wise loop over [lo, hi) (no sums).
@@ -221,13 +238,15 @@ void adam_pass1_rows(const P* g, P* p, T* m, T* v, int64_t r0, int64_t r1, int64
   // locals, not members: the compiler keeps them in registers (a reference might alias m or p)
   const T b1 = s.beta1, b2 = s.beta2, ob1 = 1 - s.beta1, ob2 = 1 - s.beta2, eps = s.eps_s, step = s.step;
   const T decay = s.decay, sign = s.maximize ? -1 : 1;
+  auto grad = [&](int64_t j) -> T { return sign * up<T>(g[j]); };
+  auto direction = [&](T gj, T mj, T vj) -> T { return (NEST ? b1 * mj + ob1 * gj : mj) / (std::sqrt(vj) + eps); };
   auto moments = [&](int64_t j, T& gj, T& uj) {
-    gj = sign * up<T>(g[j]);
+    gj = grad(j);
     const T mj = b1 * m[j] + ob1 * gj;
     const T vj = b2 * v[j] + ob2 * gj * gj;
     m[j] = mj;
     v[j] = vj;
-    uj = (NEST ? b1 * mj + ob1 * gj : mj) / (std::sqrt(vj) + eps);
+    uj = direction(gj, mj, vj);
   };
   if constexpr (MODE == kFull) {
     elementwise(r0 * len, r1 * len, [&](int64_t j) {
@@ -237,20 +256,24 @@ void adam_pass1_rows(const P* g, P* p, T* m, T* v, int64_t r0, int64_t r1, int64
     });
     return;
   }
+  P p_old[MODE == kSpec ? kBlock : 1];  // kSpec writes p as it sums: the block's old weights, for redo_terms
   for (int64_t r = r0; r < r1; ++r) {
     double acc[4] = {0, 0, 0, 0};
     const int64_t base = r * len;
-    blocked_sums<double>(base, base + len, acc, [&](int64_t j, double& gp, double& gg, double& pp, double& pu) {
+    auto terms = [&](int64_t j, int64_t o, auto& gp, auto& gg, auto& pp, auto& pu) {
       T gj, uj;
       moments(j, gj, uj);
       const T pj = up<T>(p[j]);
-      gp = madd<double>(gj, pj, gp);  // FMA in the sums only (see madd)
-      gg = madd<double>(gj, gj, gg);
-      pp = madd<double>(pj, pj, pp);
-      pu = madd<double>(pj, uj, pu);
-      if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - step * uj);
+      add_terms(gj, pj, uj, gp, gg, pp, pu);
+      if (MODE == kSpec) p_old[o] = p[j], p[j] = static_cast<P>(pj * decay - step * uj);
       if (MODE == kSpecChannel) u[j - base] = uj;
-    });
+    };
+    // the same terms in double, from the state (m and v are already updated) and the old weights
+    auto redo_terms = [&](int64_t j, int64_t o, double& gp, double& gg, double& pp, double& pu) {
+      const T gj = grad(j), uj = direction(gj, m[j], v[j]), pj = up<T>(MODE == kSpec ? p_old[o] : p[j]);
+      add_terms(gj, pj, uj, gp, gg, pp, pu);
+    };
+    blocked_sums<T>(base, base + len, acc, terms, redo_terms);
     if constexpr (MODE == kSpecChannel) {  // the same expression as pass 2's, with this row's coefficient
       const T c = guessed_coef<T>(stats_double, acc, s.eps);
       spec_coef[r] = c;
@@ -317,11 +340,13 @@ void sgd_pass1_rows(const P* g, P* p, T* b, int64_t r0, int64_t r1, int64_t len,
   const T mu = s.momentum, damp1 = s.damp1, lr = s.lr, decay = s.decay, sign = s.maximize ? -1 : 1;
   // a one-pass channel guess without Nesterov writes the buffer once, in its second sweep (u holds it meanwhile)
   constexpr bool kBufferLater = MODE == kSpecChannel && !NEST;
+  auto grad = [&](int64_t j) -> T { return sign * up<T>(g[j]); };
+  auto direction = [&](T gj, T bj) -> T { return NEST ? gj + mu * bj : bj; };
   auto momentum = [&](int64_t j, T& gj, T& dj) {
-    gj = sign * up<T>(g[j]);
+    gj = grad(j);
     const T bj = mu * b[j] + damp1 * gj;
     if (!kBufferLater) b[j] = bj;
-    dj = NEST ? gj + mu * bj : bj;
+    dj = direction(gj, bj);
   };
   if constexpr (MODE == kFull) {
     elementwise(r0 * len, r1 * len, [&](int64_t j) {
@@ -331,20 +356,25 @@ void sgd_pass1_rows(const P* g, P* p, T* b, int64_t r0, int64_t r1, int64_t len,
     });
     return;
   }
+  P p_old[MODE == kSpec ? kBlock : 1];  // kSpec writes p as it sums: the block's old weights, for redo_terms
   for (int64_t r = r0; r < r1; ++r) {
     double acc[4] = {0, 0, 0, 0};
     const int64_t base = r * len;
-    blocked_sums<double>(base, base + len, acc, [&](int64_t j, double& gp, double& gg, double& pp, double& pu) {
+    auto terms = [&](int64_t j, int64_t o, auto& gp, auto& gg, auto& pp, auto& pu) {
       T gj, dj;
       momentum(j, gj, dj);
       const T pj = up<T>(p[j]);
-      gp = madd<double>(gj, pj, gp);  // FMA in the sums only (see madd)
-      gg = madd<double>(gj, gj, gg);
-      pp = madd<double>(pj, pj, pp);
-      pu = madd<double>(pj, dj, pu);
-      if (MODE == kSpec) p[j] = static_cast<P>(pj * decay - lr * dj);
+      add_terms(gj, pj, dj, gp, gg, pp, pu);
+      if (MODE == kSpec) p_old[o] = p[j], p[j] = static_cast<P>(pj * decay - lr * dj);
       if (MODE == kSpecChannel) u[j - base] = dj;
-    });
+    };
+    // the same terms in double, from the updated buffer (u holds it until written) and the old weights
+    auto redo_terms = [&](int64_t j, int64_t o, double& gp, double& gg, double& pp, double& pu) {
+      const T gj = grad(j), dj = kBufferLater ? u[j - base] : direction(gj, b[j]);
+      const T pj = up<T>(MODE == kSpec ? p_old[o] : p[j]);
+      add_terms(gj, pj, dj, gp, gg, pp, pu);
+    };
+    blocked_sums<T>(base, base + len, acc, terms, redo_terms);
     if constexpr (MODE == kSpecChannel) {  // pass 2's expression; without Nesterov the buffer takes the projection
       const T c = guessed_coef<T>(stats_double, acc, s.eps);
       spec_coef[r] = c;
