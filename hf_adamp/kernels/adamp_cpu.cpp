@@ -1,4 +1,4 @@
-// Fused CPU kernels of the AdamP and SGDP steps (hf_adamp, DESIGN.md section 2).
+// Fused CPU kernels of the AdamP and SGDP steps (hf_adamp; the maths is hf_adamp/projection.py).
 //
 // A call steps all the runs of a step (pieces of flat tensors, each viewed as (rows, len)) in one parallel region,
 // its work split evenly over the threads. Parameters are fp32/fp64/fp16/bf16; the state (moments) and all
