@@ -121,7 +121,7 @@ class KernelBatch:
         self.exact: list[bool] = []  # per item: the weight is in the state dtype, so a repair is exact enough
         runs = array("q")
         for index, item in enumerate(items):
-            flat(item.param)  # raises, with advice, where the rows are not contiguous in memory
+            flat(item.param)  # a guard: the kernels read raw memory, and strided weights reach here as dense copies
             self.tensors += [None, item.param] + [item.state[k] for k in keys]
             first = len(self.slots)
             for run in merge_runs(item.segments):
