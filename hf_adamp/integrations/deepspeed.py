@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..optim import RAdam
-from ..optim._base import ProjectedOptimizer
+from ..optim._engine import ProjectedOptimizer
 from ._post_import import when_imported
 from .transformers import OPTIMIZER_CLASSES, is_hf_adamp_optim
 
