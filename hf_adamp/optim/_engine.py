@@ -354,13 +354,17 @@ class ProjectedOptimizer(Optimizer):
 
     @staticmethod
     def _device_memory(ctx: StepContext) -> None:
-        """The remembering items' memory gathered into one device tensor, the states given views of it."""
-        old, slots = [], []
+        """The remembering items' memory gathered into one device tensor, the states given views of it (a memory
+        that is a device tensor already is not read on the host)."""
+        parts, slots = [], []
         for item in ctx.remembering:
-            known = memory_of(item)
-            old += known if known is not None else [projection.NONE] * len(item.slots)
+            known = item.state.get(MEMORY_KEY)
+            if not (isinstance(known, Tensor) and known.shape == (len(item.slots),)):
+                known = memory_of(item) or [projection.NONE] * len(item.slots)
+                known = torch.tensor(known, dtype=torch.int64)
+            parts.append(known.to(ctx.device, torch.int64))
             slots += item.slots
-        ctx.memory = torch.tensor(old, dtype=torch.int64).to(ctx.device)
+        ctx.memory = torch.cat(parts)
         ctx.memory_slots = torch.tensor(slots, dtype=torch.int64).to(ctx.device)
         at = 0
         for item in ctx.remembering:
