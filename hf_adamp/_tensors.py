@@ -6,12 +6,13 @@ Nothing here imports another hf_adamp module, so any module may use it.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .sharding.layout import Segment
+if TYPE_CHECKING:  # annotations only: this module imports no other hf_adamp module
+    from .sharding.layout import Segment
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
