@@ -340,7 +340,9 @@ class ProjectedOptimizer(Optimizer):
         if ctx.device.type == "cpu":
             kinds = decided.kinds()
             for item in ctx.remembering:
-                old = memory_of(item)
+                old = item.state.get(MEMORY_KEY)
+                if type(old) is not list or len(old) != len(item.slots):  # the common case costs two checks
+                    old = memory_of(item)
                 if old is None:
                     item.state[MEMORY_KEY] = [kinds[s] for s in item.slots]
                 else:

@@ -38,7 +38,7 @@ from ... import kernels, projection
 from ..._tensors import flat, state_dtype
 from ...kernels.tables import MODE_COLUMN, PASS1, PASS2, PASS2_OF_PASS1, RUN_COLS
 from ...sharding.layout import merge_runs
-from .._step import Decided, Item, Switches, memory_of
+from .._step import MEMORY_KEY, Decided, Item, Switches, memory_of
 from .base import Backend
 
 FIRST, FULL, SPEC, SPEC_CHANNEL = (PASS1[m] for m in ("first", "full", "spec", "spec_channel"))
@@ -161,7 +161,9 @@ class KernelBatch:
             self.tensors[index * self.per] = item.grad
             s = item.scalars
             may_speculate = speculate_env and self.exact[index] and min(s.decay, s.projected_decay) >= _MIN_SPEC_DECAY
-            memory = memory_of(item) if may_speculate and item.slots else None
+            memory = item.state.get(MEMORY_KEY) if may_speculate and item.slots else None
+            if memory is not None and (type(memory) is not list or len(memory) != len(item.slots)):
+                memory = memory_of(item)  # another form: a device tensor, an older checkpoint's
             for j in self.spans[index]:
                 if slots[j] < 0:
                     mode = FULL
