@@ -19,7 +19,7 @@ import time
 import torch
 
 from hf_adamp import kernels
-from hf_adamp.optim import _fused
+from hf_adamp.optim.backends import cpu as cpu_backend
 
 LR, DECAY = 1e-7, 0.999
 
@@ -58,8 +58,8 @@ def main() -> None:
 
     sgd = torch.optim.SGD([p], lr=LR, momentum=0.9, weight_decay=1e-3, fused=True)
     adamw = torch.optim.AdamW([p], lr=LR, weight_decay=1e-3, fused=True)
-    pass1 = (("spec", _fused.SPEC), ("spec_channel", _fused.SPEC_CHANNEL), ("first", _fused.FIRST))
-    pass2 = (("apply", _fused.APPLY), ("repair", _fused.REPAIR))
+    pass1 = (("spec", cpu_backend.SPEC), ("spec_channel", cpu_backend.SPEC_CHANNEL), ("first", cpu_backend.FIRST))
+    pass2 = (("apply", cpu_backend.APPLY), ("repair", cpu_backend.REPAIR))
     cases = {}
     for label, kind, ref, ref_step in (("SGDP", "sgd", "SGD", sgd.step), ("AdamP", "adam", "AdamW", adamw.step)):
         cases.update({f"{label} {mode_name}": kernel(kind, mode) for mode_name, mode in pass1})

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 
 import hf_adamp
-from hf_adamp.optim._base import ProjectedOptimizer
+from hf_adamp.optim._engine import ProjectedOptimizer
 
 
 def gpt2_small_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, positions: int = 1024) -> list[tuple]:

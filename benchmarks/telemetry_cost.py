@@ -14,7 +14,7 @@ import torch
 from step_time import MODELS
 
 import hf_adamp
-from hf_adamp.optim import _base
+from hf_adamp.optim import _engine
 from hf_adamp.telemetry import projection_metrics
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = hf_adamp.AdamP(params, lr=1e-7, weight_decay=0.01)
-    real_record = _base.StepRecord
+    real_record = _engine.StepRecord
 
     def no_record(*_args):
         return None
@@ -41,12 +41,12 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds + 3):
         for name, fn in variants.items():
-            _base.StepRecord = no_record if name == "without record" else real_record
+            _engine.StepRecord = no_record if name == "without record" else real_record
             t0 = time.perf_counter()
             fn()
             if r >= 3:
                 times[name].append(time.perf_counter() - t0)
-    _base.StepRecord = real_record
+    _engine.StepRecord = real_record
     base = statistics.median(times["without record"])
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .integrations import launch_hooks  # importing hf_adamp.launch ran hf_adamp/__init__: options registered
+
 ENV_WEIGHT_NORM = "HF_ADAMP_WEIGHT_NORM"
 ENV_WEIGHT_NORM_INCLUDE = "HF_ADAMP_WEIGHT_NORM_INCLUDE"
 ENV_WEIGHT_NORM_EXCLUDE = "HF_ADAMP_WEIGHT_NORM_EXCLUDE"
@@ -139,10 +141,6 @@ def parse_args(argv: Sequence[str]) -> LaunchOptions:
 
 def run(options: LaunchOptions) -> None:
     """Switch hf-adamp on as ``options`` say, then run the script in this process as ``__main__``."""
-    import hf_adamp  # noqa: F401 - registers the Trainer options
-
-    from .integrations import launch_hooks
-
     if options.weight_norm:
         launch_hooks.enable_weight_norm(
             include=options.weight_norm_include,

@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import projection
-from .optim._base import ProjectedOptimizer
+from .optim._engine import ProjectedOptimizer
 
 # Weight-normalised layers store the direction v here; v is scale-invariant by construction.
 DEFAULT_SCALE_INVARIANT = (r"parametrizations\.weight\.original1$",)

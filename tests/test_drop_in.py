@@ -18,7 +18,7 @@ from helpers import forced_grad
 
 import hf_adamp
 from hf_adamp import kernels
-from hf_adamp.optim import _fused
+from hf_adamp.optim import _step
 
 PATHS = ("plain", "fused", "fused-two-pass", "eager")
 
@@ -26,7 +26,7 @@ PATHS = ("plain", "fused", "fused-two-pass", "eager")
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     """The step path under test, as the ``foreach`` to pass; the environment chooses kernels or eager."""
-    monkeypatch.delenv(_fused.SPECULATE_ENV, raising=False)
+    monkeypatch.delenv(_step.SPECULATE_ENV, raising=False)
     if request.param == "eager":
         monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     else:
@@ -36,7 +36,7 @@ def path(request, monkeypatch):
             pytest.skip("no C++ compiler: the fused kernels cannot be built here")
         assert kernels.available()
         if request.param == "fused-two-pass":
-            monkeypatch.setenv(_fused.SPECULATE_ENV, "0")
+            monkeypatch.setenv(_step.SPECULATE_ENV, "0")
     return False if request.param == "plain" else None
 
 
@@ -219,7 +219,7 @@ def test_non_finite_gradient_element_under_fsdp2_stays_in_its_element(tmp_path, 
     from _fsdp_workers import nan_gradient_element
 
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
-    monkeypatch.delenv(_fused.SPECULATE_ENV, raising=False)
+    monkeypatch.delenv(_step.SPECULATE_ENV, raising=False)
     out = run_ranks(nan_gradient_element, 2, tmp_path, timeout=240)
     for rank in out:  # the reference (one process) has 1 NaN weight and 1 NaN moment
         assert rank["speculated"], "fc1 should have been channel-projected before"

@@ -18,7 +18,9 @@ from test_parity import CONFIGS, TOL, run_pair
 
 import hf_adamp
 from hf_adamp import kernels, projection
-from hf_adamp.optim import _base, _fused
+from hf_adamp.optim import _step
+from hf_adamp.optim.backends import cpu as cpu_backend
+from hf_adamp.optim.backends import eager
 from hf_adamp.sharding import Layout, ParamSpec, Piece
 
 
@@ -41,7 +43,7 @@ class KernelSpy:
             if name.endswith("_first"):
                 self.pass1_modes.update(modes)
             if name.endswith("_second"):  # out: rows written per run; modes other than APPLY repair
-                self.repairs += sum(1 for mode, n in zip(modes, out.tolist()) if mode != _fused.APPLY and n > 0)
+                self.repairs += sum(1 for mode, n in zip(modes, out.tolist()) if mode != cpu_backend.APPLY and n > 0)
             return out
 
         return wrapped
@@ -57,9 +59,9 @@ def path(request, monkeypatch):
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
     speculating = request.param == "fused"
     if speculating:
-        monkeypatch.delenv(_fused.SPECULATE_ENV, raising=False)
+        monkeypatch.delenv(_step.SPECULATE_ENV, raising=False)
     else:
-        monkeypatch.setenv(_fused.SPECULATE_ENV, "0")
+        monkeypatch.setenv(_step.SPECULATE_ENV, "0")
     if kernels._compiler() is None:
         pytest.skip("no C++ compiler: the fused kernels cannot be built here")
     assert kernels.available(), "a compiler exists, so the fused kernels must build"
@@ -109,7 +111,7 @@ def test_right_guess_is_bit_identical_to_two_passes(monkeypatch, name, kwargs, d
     base = make_params(dtype=dtype, seed=9)
     runs = []
     for speculate in ("1", "0"):
-        monkeypatch.setenv(_fused.SPECULATE_ENV, speculate)
+        monkeypatch.setenv(_step.SPECULATE_ENV, speculate)
         ps = [p.clone().requires_grad_() for p in base]
         opt = getattr(hf_adamp, name)(ps, **kwargs)
         gen = torch.Generator().manual_seed(5)
@@ -120,7 +122,7 @@ def test_right_guess_is_bit_identical_to_two_passes(monkeypatch, name, kwargs, d
         assert set(opt.projection_decisions().values()) == {outcome}
         runs.append((ps, opt))
         if speculate == "1":
-            assert (_fused.SPEC_CHANNEL if outcome == "channel" else _fused.SPEC) in spy.pass1_modes
+            assert (cpu_backend.SPEC_CHANNEL if outcome == "channel" else cpu_backend.SPEC) in spy.pass1_modes
             assert spy.repairs == 0
     (ps_a, opt_a), (ps_b, opt_b) = runs
     for a, b in zip(ps_a, ps_b):
@@ -160,9 +162,9 @@ def test_wrong_guess_is_repaired_to_the_two_pass_step(monkeypatch, name, kwargs,
         before = [[t.clone() for t in ts] for ts in tensors(opt_b, b_ps)]
         for a, b in zip(a_ps, b_ps):
             a.grad = b.grad = forced_grad(b.detach(), outcome, gen)
-        monkeypatch.setenv(_fused.SPECULATE_ENV, "1")
+        monkeypatch.setenv(_step.SPECULATE_ENV, "1")
         opt_a.step()
-        monkeypatch.setenv(_fused.SPECULATE_ENV, "0")
+        monkeypatch.setenv(_step.SPECULATE_ENV, "0")
         opt_b.step()
         for ta, tb, t0 in zip(tensors(opt_a, a_ps), tensors(opt_b, b_ps), before):
             for x, y, old in zip(ta, tb, t0):  # the first step's state is new: only its weights are compared
@@ -170,14 +172,14 @@ def test_wrong_guess_is_repaired_to_the_two_pass_step(monkeypatch, name, kwargs,
                 assert ((rows(x) - rows(y)).abs() <= 4 * eps * scale).all(), outcome
                 x.copy_(y)  # the next step starts from the same weights and state
     assert spy.repairs > 0
-    assert {_fused.SPEC, _fused.SPEC_CHANNEL} <= set(spy.pass1_modes)
+    assert {cpu_backend.SPEC, cpu_backend.SPEC_CHANNEL} <= set(spy.pass1_modes)
 
 
 def test_guess_is_kept_in_state_and_resumes_bit_identically(monkeypatch):
     """The guess lives in the state dict: a resumed run speculates, repairs and rounds like an uninterrupted one,
     here with the outcome changing every step (so most steps repair)."""
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
-    monkeypatch.delenv(_fused.SPECULATE_ENV, raising=False)
+    monkeypatch.delenv(_step.SPECULATE_ENV, raising=False)
     if not kernels.available():
         pytest.skip("the fused kernels are unavailable here")
     base = make_params(dtype=torch.float32, seed=11)
@@ -194,7 +196,7 @@ def test_guess_is_kept_in_state_and_resumes_bit_identically(monkeypatch):
     train(opt, straight, 10, 0)
     saved = torch.load(_roundtrip(opt.state_dict()), weights_only=True)
     multi_dim = [i for i, p in enumerate(base) if p.dim() > 1]
-    assert all(isinstance(saved["state"][i].get(_fused.MEMORY_KEY), list) for i in multi_dim)
+    assert all(isinstance(saved["state"][i].get(_step.MEMORY_KEY), list) for i in multi_dim)
     resumed = [p.detach().clone().requires_grad_() for p in straight]
     train(opt, straight, 10, 10)
     second = hf_adamp.AdamP(resumed, lr=1e-2, weight_decay=0.1)
@@ -215,7 +217,7 @@ def _roundtrip(obj):
 
 @pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[5]])
 def test_small_chunks_and_groups(path, monkeypatch, name, kwargs):
-    monkeypatch.setattr(_base, "CHUNK_ELEMS", 50)
+    monkeypatch.setattr(eager, "CHUNK_ELEMS", 50)
     ours, ref, _ = run_pair(name, kwargs, torch.float64, True, steps=20, groups=True)
     for a, b in zip(ours, ref):
         assert max_rel_err(a.detach(), b.detach()) <= 1e-12
@@ -459,7 +461,7 @@ def test_half_precision_rounding_matches_torch(dtype):
     for decay in (1.0, 1.0001, 0.3, 3.7, 1e-3, 1e4):
         p = weights.clone()
         tensors = [torch.zeros(n, dtype=dtype), p, torch.zeros(n)]  # grad, weight, momentum buffer
-        runs = torch.tensor([[0, 0, 1, n, _fused.FULL, 0, -1]])
+        runs = torch.tensor([[0, 0, 1, n, cpu_backend.FULL, 0, -1]])
         scalars = torch.tensor([[0.0, 0.0, 0.0, decay, 1e-8, 0.0, 0.0]], dtype=torch.float64)
         kernels.module().sgd_first(tensors, runs, scalars, torch.zeros(4, 1), torch.zeros(1))
         expected = (weights.float() * torch.tensor(decay, dtype=torch.float32)).to(dtype)

@@ -22,6 +22,7 @@ import torch
 from _dist_helpers import run_ranks
 
 from hf_adamp import kernels
+from hf_adamp.kernels import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_kernel_build_worker.py")
@@ -232,6 +233,37 @@ def test_failed_build_reports_the_first_compiler_error_and_keeps_the_log(tmp_pat
     assert "the last build failed" in out and "not_a_type" in out and str(log) in out, out
 
 
+def test_table_layout_mismatch_is_refused(tmp_path, monkeypatch, caplog):
+    """A library whose tables differ from the Python declarations (two scalar columns swapped in the C++ lists)
+    builds, but is refused at load: a warning naming the difference, and the eager path."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(kernels.CACHE_ENV, raising=False)
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    source = kernels._SOURCE.read_text()
+    swapped = source.replace("X(kBeta1, beta1) X(kBeta2, beta2)", "X(kBeta2, beta2) X(kBeta1, beta1)", 1)
+    assert swapped != source
+    changed = tmp_path / "adamp_cpu.cpp"
+    changed.write_text(swapped)
+    monkeypatch.setattr(kernels, "_SOURCE", changed)
+    for name in ("_module", "_failed", "_agreed"):
+        monkeypatch.setattr(kernels, name, None)
+    with caplog.at_level(logging.WARNING, logger="hf_adamp.kernels"):
+        assert not kernels.available()
+    (line,) = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert "table layout differs" in line and "beta2=0" in line and "eager path" in line, line
+
+
+def test_layout_check_compares_with_the_python_declarations(monkeypatch):
+    """The loaded library's layout matches ``kernels.tables``; a changed declaration would be refused."""
+    if not kernels.available():
+        pytest.skip("the kernels are switched off here")
+    lib = kernels.module()
+    kernels.check_layout(lib.lib, lib.path)
+    monkeypatch.setattr(kernels, "layout_text", lambda: tables.layout_text().replace("mode=4", "mode=5"))
+    with pytest.raises(kernels.BuildError, match="table layout differs.*mode=4"):
+        kernels.check_layout(lib.lib, lib.path)
+
+
 def test_one_openmp_runtime_in_the_process():
     """The library uses the OpenMP runtime torch has loaded, not a second one of its own."""
     if not kernels.available():
@@ -264,7 +296,7 @@ def _rank_steps(rank: int, world: int, cache: str) -> dict:
         opt.zero_grad()
         torch.nn.functional.mse_loss(ddp(x), y).backward()
         opt.step()
-    return {"fused": opt.kernels_available(), "weights": [p.detach().clone() for p in model.parameters()]}
+    return {"fused": kernels.available(), "weights": [p.detach().clone() for p in model.parameters()]}
 
 
 @pytest.mark.distributed

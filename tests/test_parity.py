@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import hf_adamp
 from hf_adamp import kernels
-from hf_adamp.optim import _base
+from hf_adamp.optim.backends import eager
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 
@@ -83,7 +83,7 @@ def test_fast_path_with_small_chunks_matches_reference(monkeypatch):
     """Chunks shorter than a row, and rows split over several chunks of whole rows (the eager fast path: the
     fused kernels take whole pieces)."""
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
-    monkeypatch.setattr(_base, "CHUNK_ELEMS", 50)
+    monkeypatch.setattr(eager, "CHUNK_ELEMS", 50)
     for name, kwargs in (CONFIGS[1], CONFIGS[3], CONFIGS[4]):
         ours, ref, seen = run_pair(name, kwargs, torch.float64, True, steps=20)
         for a, b in zip(ours, ref):

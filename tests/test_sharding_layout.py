@@ -17,7 +17,7 @@ import torch
 
 import hf_adamp
 from hf_adamp import kernels
-from hf_adamp.optim import _base
+from hf_adamp.optim.backends import eager
 from hf_adamp.sharding import Layout, ParamSpec, Piece
 
 GARBAGE = 1e28  # what DeepSpeed ZeRO-3 padding was seen to hold
@@ -135,7 +135,7 @@ CUTS = {
 def test_sharded_equals_single_process(opt: str, cuts: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if opt == "adamp-chunked":  # tiny chunks of the eager path: segments split inside pieces, many partial rows
         monkeypatch.setenv(kernels.DISABLE_ENV, "1")
-        monkeypatch.setattr(_base, "CHUNK_ELEMS", 5)
+        monkeypatch.setattr(eager, "CHUNK_ELEMS", 5)
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape, _ in SHAPES]
     names = [f"p{j}" for j in range(len(full))]

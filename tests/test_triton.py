@@ -24,7 +24,7 @@ from test_parity import CONFIGS
 
 import hf_adamp
 from hf_adamp import kernels
-from hf_adamp.optim import _triton
+from hf_adamp.optim.backends import triton as _triton
 
 pytest.importorskip("triton")
 
@@ -236,7 +236,7 @@ def test_inf_weight_element_stays_inf(spy, name):
 def test_triton_is_opt_in_on_cuda(monkeypatch):
     """CUDA tensors take the Triton kernels only with HF_ADAMP_TRITON=1 (not yet run on a GPU); CPU tensors
     only under the test interpreter."""
-    from hf_adamp.optim import _triton
+    from hf_adamp.optim.backends import triton as _triton
 
     for var in (_triton.OPT_IN_ENV, _triton.ON_CPU_ENV, "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)

@@ -4,6 +4,7 @@ Importing this package does not import transformers, Accelerate or DeepSpeed: th
 when those modules load (or at once if they already have).
 """
 
+from ..sharding.fsdp1 import track_fsdp1_units
 from . import deepspeed, transformers
 from ._post_import import when_imported
 from .deepspeed import DeepSpeedConfigError, ShardingNotSupportedError, attach_sharding
@@ -15,8 +16,6 @@ def install() -> None:
     again."""
     transformers.install()
     deepspeed.install()
-    from ..sharding.fsdp1 import track_fsdp1_units
-
     when_imported("torch.distributed.fsdp.fully_sharded_data_parallel", "fsdp1_units", track_fsdp1_units)
 
 

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from ..optim import RAdam
-from ..optim._base import ProjectedOptimizer
+from ..optim._engine import ProjectedOptimizer
+from ..sharding import attach
+from ..sharding.deepspeed import is_zero_optimizer
 from ._post_import import when_imported
 from .transformers import OPTIMIZER_CLASSES, is_hf_adamp_optim
 
@@ -127,9 +129,6 @@ def attach_sharding(optimizer: Any) -> None:
     inner = chain[-1]
     if not isinstance(inner, ProjectedOptimizer) or inner._layouts:
         return
-    from ..sharding import attach
-    from ..sharding.deepspeed import is_zero_optimizer
-
     for wrapper in chain[:-1]:
         if is_zero_optimizer(wrapper):
             attach(wrapper, inner)

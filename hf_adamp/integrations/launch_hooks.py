@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..weight_norm.core import _as_patterns, apply_weight_norm, weight_normed_modules
 from ._post_import import when_imported
 from .deepspeed import innermost_optimizer
 
@@ -44,8 +45,6 @@ _replaced: dict[int, tuple[weakref.ref, weakref.ref, weakref.ref]] = {}
 
 def enable_weight_norm(include: Any = None, exclude: Any = None, family: str | None = None) -> None:
     """Weight-normalise the models that Trainer and ``Accelerator.prepare`` receive from now on."""
-    from ..weight_norm.core import _as_patterns
-
     _as_patterns(include), _as_patterns(exclude)  # a bad regex fails now, not after the data is loaded
     global _weight_norm
     _weight_norm = WeightNormSettings(
@@ -79,9 +78,7 @@ def weight_norm_model(model: Any) -> None:
     """Apply the enabled weight norm to ``model``, unless it has some already (the script's own, or ours)."""
     if _weight_norm is None or not isinstance(model, nn.Module):
         return
-    from transformers.pytorch_utils import Conv1D
-
-    from ..weight_norm.core import apply_weight_norm, weight_normed_modules
+    from transformers.pytorch_utils import Conv1D  # deferred: transformers is the user's import
 
     if next(weight_normed_modules(model), None) is not None:
         return

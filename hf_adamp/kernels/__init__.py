@@ -38,6 +38,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._tensors import is_dense
+from .tables import DTYPE_CODES, RUN_COLS, SCALAR_COLUMNS, TENSORS_PER_PARAM, layout_text
+
 try:
     import fcntl
 except ImportError:  # not POSIX: builds are not locked against each other
@@ -55,7 +58,6 @@ _LINK_FLAGS = ["-shared", "-fopenmp"]  # libgomp.so.1: the OpenMP runtime torch 
 _PARTS = 2  # translation units compiled in parallel on an idle machine (adamp_cpu.cpp: HF_ADAMP_PART)
 _WAIT_LOG_S = 5.0  # seconds between the lines of a wait for another process's build
 _DEFAULT_BUILD_S = 10  # the announced build time before any build was recorded on this machine
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}  # adamp_cpu.cpp: DType
 _ERROR_BYTES = 1024
 
 _module: CpuKernels | None = None
@@ -263,7 +265,24 @@ def _open(spec: BuildSpec, built: bool) -> CpuKernels:
     found = lib.hf_adamp_build_key().decode()
     if found != spec.key:  # never run a library built from another source
         raise BuildError(f"{spec.library} was built for key {found}, expected {spec.key}")
+    check_layout(lib, spec.library)
     return CpuKernels(lib, spec, built)
+
+
+def check_layout(lib: ctypes.CDLL, path: Path | str) -> None:
+    """Refuse a library whose tables (run columns, modes, scalar columns, dtype codes) differ from the Python
+    declarations in ``kernels.tables``: the two would silently misread each other's numbers."""
+    try:
+        lib.hf_adamp_layout.restype = ctypes.c_char_p
+    except AttributeError as exc:
+        raise BuildError(f"{path} does not export its table layout (hf_adamp_layout)") from exc
+    found, expected = lib.hf_adamp_layout().decode(), layout_text()
+    if found != expected:
+        differ = next(
+            (f"{a!r} against {b!r}" for a, b in zip(found.split(";"), expected.split(";")) if a != b),
+            f"{found!r} against {expected!r}",
+        )
+        raise BuildError(f"{path}: the kernels' table layout differs from hf_adamp.kernels.tables: {differ}")
 
 
 def load(spec: BuildSpec) -> CpuKernels:
@@ -363,6 +382,17 @@ def available() -> bool:
     return local if _agreed is None else _agreed and local
 
 
+def unavailable_reason() -> str:
+    """Why ``available()`` is False here (for error messages)."""
+    if disabled_by_env():
+        return f"{DISABLE_ENV}=1 is set"
+    if _failed is not None:
+        return _failed
+    if _agreed is False:
+        return "another rank lacks them"
+    return "not loaded"
+
+
 def module() -> CpuKernels:
     """The loaded kernels; only call after ``available()`` returned True."""
     assert _module is not None, "hf_adamp.kernels.available() must be called first"
@@ -387,7 +417,6 @@ _ARGTYPES = {
     "hf_adamp_sgd_second": _SECOND,
     "hf_adamp_decide": [_P, _I32, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _I64],
 }
-_PER = {"adam": 4, "sgd": 3}  # tensors per parameter: grad, param, state...
 
 
 def _fail(what: str) -> None:
@@ -426,8 +455,6 @@ def _stats(t: Tensor) -> tuple[int, int, int, int]:
 def _tensors(tensors: list[Tensor], per: int) -> tuple[array, array, array]:
     """Per tensor: data pointer, elements, dtype code. The tensors of a parameter are addressed as flat storage,
     so they must share its dense layout, with the first dimension outermost (rows contiguous)."""
-    from ..optim._base import _is_dense  # deferred: optim imports this module
-
     if len(tensors) % per:
         _fail("tensors are not whole tensor sets")
     for base in range(0, len(tensors), per):
@@ -437,7 +464,7 @@ def _tensors(tensors: list[Tensor], per: int) -> tuple[array, array, array]:
         contiguous = param.is_contiguous()
         if not contiguous:
             strides = param.stride()
-            if not _is_dense(param):
+            if not is_dense(param):
                 _fail("the parameter is not dense")
             if param.dim() > 1 and strides[0] * shape[0] != param.numel():
                 _fail("the parameter's first dimension is not outermost")
@@ -496,9 +523,9 @@ class CpuKernels:
     def _runs(kind: str, tensors: list[Tensor], runs: Tensor, scalars: Tensor) -> tuple[list, tuple]:
         """The leading arguments of a pass (tensor table, runs, scalars), and the arrays they point into
         (the caller keeps them alive through the call)."""
-        arrays = _tensors(tensors, _PER[kind])
-        runs_ptr, count = _table(runs, torch.int64, 7, "runs")
-        scalars_ptr, scalar_rows = _table(scalars, torch.float64, None, "scalars")
+        arrays = _tensors(tensors, TENSORS_PER_PARAM[kind])
+        runs_ptr, count = _table(runs, torch.int64, RUN_COLS, "runs")
+        scalars_ptr, scalar_rows = _table(scalars, torch.float64, len(SCALAR_COLUMNS[kind]), "scalars")
         if scalar_rows != count:
             _fail("scalars must have a row per run")
         table = [*map(_address, arrays), len(tensors), runs_ptr, count]

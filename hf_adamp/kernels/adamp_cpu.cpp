@@ -98,9 +98,17 @@ constexpr int64_t kBlock = 1024;
 // Elements of work per thread below which fewer threads are used.
 constexpr int64_t kGrain = 1 << 15;
 
-enum Pass1 { kFirst = 0, kFull = 1, kSpec = 2, kSpecChannel = 3 };
+// The tables shared with Python are declared as lists (enumerator, name), from which both the enums and the text
+// that hf_adamp_layout() exports are made; the loader compares that text with hf_adamp/kernels/tables.py.
+#define HF_ADAMP_ENUM(enumerator, name) enumerator,
+#define HF_ADAMP_TEXT(enumerator, name) +std::string(#name "=") + std::to_string(static_cast<int>(enumerator)) + ","
+
+// Pass 1 modes of a run.
+#define HF_ADAMP_PASS1(X) X(kFirst, first) X(kFull, full) X(kSpec, spec) X(kSpecChannel, spec_channel)
+enum Pass1 { HF_ADAMP_PASS1(HF_ADAMP_ENUM) };
 // Pass 2: apply the decision, or repair a pass 1 that speculated (kSpec / kSpecChannel).
-enum Pass2 { kApply = 0, kRepair = 1, kRepairChannel = 2 };
+#define HF_ADAMP_PASS2(X) X(kApply, apply) X(kRepair, repair) X(kRepairChannel, repair_channel)
+enum Pass2 { HF_ADAMP_PASS2(HF_ADAMP_ENUM) };
 
 // a * b + c for the row sums. The file is built without FMA contraction so that the step rounds like torch's
 // separate ops (closer to the reference); the sums only feed the decision and the coefficient, and an explicit
@@ -449,9 +457,17 @@ int64_t sgd_pass2_rows(const P* g, P* p, T* b, const T* coef, const T* spec_coef
 // its gradient, parameter and state tensors (kPer of them); `runs` is an (R, 7) int64 table, one row per run:
 // the tensor's index, the run's first element, rows, row length, mode, first stats row and slot; `scalars` is an
 // (R, K) float64 table of the run's hyperparameters (AdamRow / SgdRow columns).
-enum RunCol { kItem, kStart, kRows, kLen, kMode, kStatRow, kSlot, kRunCols };
-enum AdamRow { kBeta1, kBeta2, kEpsS, kStep, kDecay, kEps, kNesterov, kMaximize, kAdamCols };
-enum SgdRow { kMomentum, kDampening, kLr, kSgdDecay, kSgdEps, kSgdNesterov, kSgdMaximize, kSgdCols };
+#define HF_ADAMP_RUN_COLS(X) \
+  X(kItem, tensor) X(kStart, start) X(kRows, rows) X(kLen, row_len) X(kMode, mode) X(kStatRow, stat_row) X(kSlot, slot)
+#define HF_ADAMP_ADAM_COLS(X)                                                                                 \
+  X(kBeta1, beta1) X(kBeta2, beta2) X(kEpsS, eps_scaled) X(kStep, step_scaled) X(kDecay, decay) X(kEps, eps) \
+      X(kNesterov, nesterov) X(kMaximize, maximize)
+#define HF_ADAMP_SGD_COLS(X)                                                                                         \
+  X(kMomentum, momentum) X(kDampening, dampening) X(kLr, lr) X(kSgdDecay, decay) X(kSgdEps, eps) \
+      X(kSgdNesterov, nesterov) X(kSgdMaximize, maximize)
+enum RunCol { HF_ADAMP_RUN_COLS(HF_ADAMP_ENUM) kRunCols };
+enum AdamRow { HF_ADAMP_ADAM_COLS(HF_ADAMP_ENUM) kAdamCols };
+enum SgdRow { HF_ADAMP_SGD_COLS(HF_ADAMP_ENUM) kSgdCols };
 
 struct Task {
   int64_t run, lo, hi;  // rows [lo, hi) of the run; elements for element-wise (kFull) runs
@@ -501,7 +517,8 @@ void run_shares(const std::vector<std::vector<Task>>& work, const F& body) {
 
 
 // Dtype codes of the C entry points (hf_adamp/kernels/__init__.py: DTYPE_CODES).
-enum DType { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+#define HF_ADAMP_DTYPES(X) X(kF32, float32) X(kF64, float64) X(kF16, float16) X(kBF16, bfloat16)
+enum DType { HF_ADAMP_DTYPES(HF_ADAMP_ENUM) };
 
 // The state dtype of a parameter dtype: float for fp32/fp16/bf16, double for fp64; -1 for an unknown code.
 int32_t state_dtype_of(int32_t param) {
@@ -906,6 +923,16 @@ extern "C" {
 #endif
 // The key this library was built for (the loader checks it: a library never runs under another source's key).
 const char* hf_adamp_build_key() { return HF_ADAMP_BUILD_KEY; }
+
+// The layout of the tables (run columns, modes, scalar columns, dtype codes, tensors per parameter), as text.
+const char* hf_adamp_layout() {
+  static const std::string text = std::string("runs:") HF_ADAMP_RUN_COLS(HF_ADAMP_TEXT) + ";pass1:"
+      HF_ADAMP_PASS1(HF_ADAMP_TEXT) + ";pass2:" HF_ADAMP_PASS2(HF_ADAMP_TEXT) + ";adam:"
+      HF_ADAMP_ADAM_COLS(HF_ADAMP_TEXT) + ";sgd:" HF_ADAMP_SGD_COLS(HF_ADAMP_TEXT) + ";dtypes:"
+      HF_ADAMP_DTYPES(HF_ADAMP_TEXT) + ";tensors:adam=" + std::to_string(AdamKernels::kPer) +
+      ",sgd=" + std::to_string(SgdKernels::kPer) + ",";
+  return text.c_str();
+}
 
 // AdamP pass 1: moments, row sums; finishes full and speculated runs.
 int hf_adamp_adam_first(HF_ADAMP_FIRST_ARGS) { return first_entry<AdamKernels>(HF_ADAMP_FIRST_CALL); }

@@ -215,16 +215,16 @@ def _reduce(part: torch.Tensor, rows: int, n_cblocks: int, stats: torch.Tensor, 
 
 
 def adam_first(tensors, start, rows, row_len, full, stats, stat_row, s, nesterov, maximize) -> None:
-    """AdamP pass 1 on one run. ``tensors``: flat grad, param, exp_avg, exp_avg_sq; ``s``: item.scalars."""
+    """AdamP pass 1 on one run. ``tensors``: flat grad, param, exp_avg, exp_avg_sq; ``s``: the step's AdamScalars."""
     tile_rows, block, n_cblocks, programs = _shape(rows, row_len, full)
     if full:
         rows, row_len = 1, rows * row_len
     part = _partials(rows, n_cblocks, tensors[0].device) if not full else stats
-    sqrt_bc2 = s["sqrt_bc2"]
+    sqrt_bc2 = s.sqrt_bc2
     _adam_first[(programs,)](
         *tensors, start, rows, row_len, n_cblocks, stats, stats.stride(0), max(stat_row, 0), part,
-        s["beta1"], 1.0 - s["beta1"], s["beta2"], 1.0 - s["beta2"], s["eps"] * sqrt_bc2,
-        s["step_size"] * sqrt_bc2, s["decay"], -1.0 if maximize else 1.0,
+        s.beta1, 1.0 - s.beta1, s.beta2, 1.0 - s.beta2, s.eps * sqrt_bc2,
+        s.step_size * sqrt_bc2, s.decay, -1.0 if maximize else 1.0,
         NEST=nesterov, FULL=full, DIRECT=n_cblocks == 1, ROWS=tile_rows, BLOCK=block,
     )  # fmt: skip
     if not full:
@@ -234,23 +234,23 @@ def adam_first(tensors, start, rows, row_len, full, stats, stat_row, s, nesterov
 def adam_second(tensors, start, rows, row_len, coef, stat_row, decay, slot, s, nesterov, maximize) -> None:
     """AdamP pass 2 on one projectable run: coef (rows of stats) and decay (slots) stay on the device."""
     tile_rows, block, n_cblocks, programs = _shape(rows, row_len, False)
-    sqrt_bc2 = s["sqrt_bc2"]
+    sqrt_bc2 = s.sqrt_bc2
     _adam_second[(programs,)](
         *tensors, start, rows, row_len, n_cblocks, coef, stat_row, decay, slot,
-        s["beta1"], 1.0 - s["beta1"], s["eps"] * sqrt_bc2, s["step_size"] * sqrt_bc2, -1.0 if maximize else 1.0,
+        s.beta1, 1.0 - s.beta1, s.eps * sqrt_bc2, s.step_size * sqrt_bc2, -1.0 if maximize else 1.0,
         NEST=nesterov, ROWS=tile_rows, BLOCK=block,
     )  # fmt: skip
 
 
 def sgd_first(tensors, start, rows, row_len, full, stats, stat_row, s, nesterov, maximize) -> None:
-    """SGDP pass 1 on one run. ``tensors``: flat grad, param, momentum buffer; ``s``: item.scalars."""
+    """SGDP pass 1 on one run. ``tensors``: flat grad, param, momentum buffer; ``s``: the step's SgdScalars."""
     tile_rows, block, n_cblocks, programs = _shape(rows, row_len, full)
     if full:
         rows, row_len = 1, rows * row_len
     part = _partials(rows, n_cblocks, tensors[0].device) if not full else stats
     _sgd_first[(programs,)](
         *tensors, start, rows, row_len, n_cblocks, stats, stats.stride(0), max(stat_row, 0), part,
-        s["momentum"], 1.0 - s["dampening"], s["lr"], s["decay"], -1.0 if maximize else 1.0,
+        s.momentum, 1.0 - s.dampening, s.lr, s.decay, -1.0 if maximize else 1.0,
         NEST=nesterov, FULL=full, DIRECT=n_cblocks == 1, ROWS=tile_rows, BLOCK=block,
     )  # fmt: skip
     if not full:
@@ -262,6 +262,6 @@ def sgd_second(tensors, start, rows, row_len, coef, stat_row, decay, slot, s, ne
     tile_rows, block, n_cblocks, programs = _shape(rows, row_len, False)
     _sgd_second[(programs,)](
         *tensors, start, rows, row_len, n_cblocks, coef, stat_row, decay, slot,
-        s["momentum"], s["lr"], -1.0 if maximize else 1.0,
+        s.momentum, s.lr, -1.0 if maximize else 1.0,
         NEST=nesterov, ROWS=tile_rows, BLOCK=block,
     )  # fmt: skip

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from .deepspeed import attach_deepspeed, is_zero_optimizer
+from .fsdp import attach_fsdp2, has_dtensors
+from .fsdp1 import attach_fsdp1
 from .layout import Layout, ParamSpec, Piece, Segment
 
 
@@ -26,17 +29,12 @@ def attach(engine_or_model: Any, optimizer: Any | None = None) -> list[Layout]:
     otherwise. Call it again after the engine rebuilds its partitions.
     Returns the attached layouts (none for unsharded setups such as DDP or ZeRO-0).
     """
-    from .deepspeed import attach_deepspeed, is_zero_optimizer
-    from .fsdp import attach_fsdp2, has_dtensors
-
     engine_opt = getattr(engine_or_model, "optimizer", None)
     if is_zero_optimizer(engine_or_model) or is_zero_optimizer(engine_opt) or _is_deepspeed_engine(engine_or_model):
         return attach_deepspeed(engine_or_model, optimizer)
     if optimizer is not None and has_dtensors(optimizer):
         return attach_fsdp2(engine_or_model, optimizer)
     if optimizer is not None and _is_fsdp1(engine_or_model):
-        from .fsdp1 import attach_fsdp1
-
         return attach_fsdp1(engine_or_model, optimizer)
     if optimizer is not None and isinstance(engine_or_model, torch.nn.Module) and not _is_fsdp1(engine_or_model):
         optimizer.attach_layout(None)  # plain or DDP: the optimizer holds the parameters themselves

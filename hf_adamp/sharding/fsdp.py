@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optim._base import is_dtensor
+from .detect import is_dtensor
 from .layout import Layout, ParamSpec, Piece
 
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from ..projection import channel_shape
+from ..projection import NUM_STATS, channel_shape
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,32 @@ def split_piece(piece: Piece, spec: ParamSpec, stat_offset: int, max_elems: int)
     return out
 
 
+def merge_runs(segments: list[Segment]) -> list[Segment]:
+    """Adjacent segments that continue each other in memory and in statistics rows, joined (runs).
+
+    Element-wise segments join into one long row; projectable ones join when they share the slot and the
+    row length and their statistics rows follow on (a row's sums only depend on the row's own elements).
+    """
+    out: list[Segment] = []
+    for seg in segments:
+        if out:
+            last = out[-1]
+            follows = last.start + last.rows * last.row_len == seg.start
+            if follows and last.slot < 0 and seg.slot < 0:
+                out[-1] = last._replace(rows=1, row_len=last.rows * last.row_len + seg.rows * seg.row_len)
+                continue
+            if (
+                follows
+                and seg.slot == last.slot
+                and seg.row_len == last.row_len
+                and seg.stat_row == last.stat_row + last.rows
+            ):
+                out[-1] = last._replace(rows=last.rows + seg.rows)
+                continue
+        out.append(seg)
+    return out
+
+
 @dataclass
 class Layout:
     """Parameters, and the pieces of them that each local tensor holds.
@@ -117,8 +143,6 @@ class Layout:
 
     def collective_bytes(self, itemsize: int = 4) -> int:
         """Bytes of the one all_reduce per step: 4 sums per row of every projectable parameter."""
-        from ..projection import NUM_STATS
-
         return NUM_STATS * self.total_rows * itemsize
 
     def holds(self, tensor: Tensor) -> bool:

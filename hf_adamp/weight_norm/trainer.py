@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..integrations._post_import import when_imported
 from .core import (
     WeightNormSummary,
     apply_weight_norm,
@@ -72,7 +73,6 @@ def install_trainer_hooks() -> None:
     - ``_load_from_checkpoint`` (resume) restores g and v exactly from ``weight_norm_state.safetensors``
       after loading the plain weights.
     """
-    from ..integrations._post_import import when_imported
 
     def patch(trainer_module) -> None:
         _patch_decay_names(trainer_module.Trainer)

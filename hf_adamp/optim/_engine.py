@@ -1,26 +1,25 @@
-"""The step structure shared by AdamP and SGDP.
+"""The step engine shared by AdamP and SGDP: one place owns a step, the backends do the arithmetic.
 
-One step runs in five phases (DESIGN section 2):
+A step runs in five phases:
 
-1. ``first``: update the moments of every local tensor and accumulate the per-row sums
-   ``g.p, g.g, p.p, p.u`` of every row segment into one ``(4, rows)`` buffer; finish element-wise
-   (never projected) tensors right away;
-2. reduce that buffer across ranks, once, if a sharding engine attached a reducer;
-3. decide, for every parameter at once, from the reduced sums (tensor ops only, no host sync);
-4. ``second``: project the update of each row segment, apply weight decay and the step.
-
-Subclasses give the optimizer-specific halves of phases 1 and 4, in two forms: a plain one that works on
-whole tensors and documents the maths, and a fast one that works in cache-sized chunks.
-
-What a step learns about its tensors beyond their values (segments, slots, the kernels' tables) is kept in a
-``StepContext`` and reused while the tensors stay the same, so a step of many small tensors costs little host time.
+1. collect: the tensors with gradients, their row segments and their backends (``backends.select_backend``),
+   kept in a ``StepContext`` and reused while the tensors stay the same, so a step of many small tensors
+   costs a few attribute reads per tensor;
+2. pass 1 (``Backend.first``): count the step and compute its scalars once per (group, step count), as one
+   record (``AdamScalars`` / ``SgdScalars``); every backend updates the moments of its tensors and accumulates
+   the per-row sums ``g.p, g.g, p.p, p.u`` of every row segment into one ``(4, rows)`` buffer, and finishes
+   element-wise (never projected) tensors right away;
+3. reduce that buffer across ranks, once, if a sharding engine attached a reducer;
+4. decide, for every parameter at once, from the reduced sums (``hf_adamp.projection``, tensor ops only);
+5. pass 2 (``Backend.second``): project the update of each row segment, apply weight decay and the step; then
+   remember each parameter's outcome (``last_projection``).
 """
 
 from __future__ import annotations
 
 import operator
 import weakref
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,76 +28,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import kernels, projection
+from .._tensors import make_state_dense, rows_dense, state_dtype
+from ..sharding.auto import auto_attach
+from ..sharding.detect import LocalState, is_dtensor, is_sharded_tensor
 from ..sharding.layout import Layout, ParamSpec, Piece, Segment, split_piece
-
-# Elements per chunk on the fast path: every operand's chunk stays in cache between the chunk's operations.
-# 2**18 measured best of 2**17..2**22 at GPT-2-small shapes on a 2-core EPYC (benchmarks/step_time.py).
-CHUNK_ELEMS = 1 << 18
-# Segments of the plain path are whole pieces.
-_WHOLE = 1 << 62
+from . import backends
+from ._step import MEMORY_KEY, Decided, Item, Switches, memory_of
+from ._validation import lr_of
+from .backends import Backend
 
 Reducer = Callable[[Tensor], None]
-
-
-# torch's wording where torch's optimizers make the same check, so code matching their messages keeps working
-_TORCH_NAMES = {
-    "lr": "learning rate",
-    "eps": "epsilon value",
-    "weight_decay": "weight_decay value",
-    "momentum": "momentum value",
-}
-
-
-def _described(name: str) -> str:
-    if name.startswith("betas["):
-        return f"beta parameter at index {name[6:-1]}"
-    return _TORCH_NAMES.get(name, name)
-
-
-def check_non_negative(name: str, value: Any) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element (got a tensor of shape {tuple(value.shape)})")
-        value = value.item()
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"Invalid {_described(name)}: {name} must be a number, got {type(value).__name__}")
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"Invalid {_described(name)}: {value} ({name} must be >= 0)")
-
-
-def check_range(name: str, value: Any, low: float, high: float, high_inclusive: bool) -> None:
-    check_non_negative(name, value)
-    value = value.item() if isinstance(value, Tensor) else value
-    ok = low <= value <= high if high_inclusive else low <= value < high
-    if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"Invalid {_described(name)}: {value} ({name} must be in [{low}, {high}{bracket})")
-
-
-def lr_of(group: dict[str, Any]) -> float:
-    """The group's learning rate as a number (a tensor lr of any 1-element shape is read once per step)."""
-    lr = group["lr"]
-    return lr.item() if isinstance(lr, Tensor) else lr
-
-
-def state_dtype(param: Tensor) -> torch.dtype:
-    """Optimizer state (moments) is kept in fp32 for half-precision parameters, else in their dtype."""
-    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
-
-
-@dataclass
-class Item:
-    """One local tensor taking part in a step, with what both halves of the step need."""
-
-    param: Tensor
-    grad: Tensor
-    state: dict[str, Any]
-    group: dict[str, Any]
-    segments: list[Segment]
-    scalars: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # within a step: the plain path's whole-tensor update
-    specs: list[ParamSpec] = field(default_factory=list)  # the step's parameter slots (full shapes)
-    target: Tensor | None = None  # the strided parameter that ``param`` is a dense working copy of
 
 
 @dataclass
@@ -117,7 +56,7 @@ class StepContext:
 
     A context is reusable when the step saw only the user's dense tensors (no DTensor shard, no gradient that had
     to be copied into the parameter's layout). Reusing it costs a few attribute reads per tensor: the
-    groups and their tensors, each gradient's dtype and strides, the state tensors, the switches of the paths.
+    groups and their tensors, each gradient's dtype and strides, the state tensors, the environment switches.
     """
 
     layout: Layout | None
@@ -126,8 +65,8 @@ class StepContext:
     total_rows: int
     stats_dtype: torch.dtype
     device: torch.device
-    kernel_batches: list[Any]  # _fused.KernelBatch: the items the fused CPU kernels step, per state dtype
-    others: list[Item]  # the items of the eager, plain and Triton paths
+    batches: list[tuple[Backend, Any]]  # per backend in use: its prepared batch
+    remembering: list[Item]  # the items holding rows of projectable parameters (their memory is kept)
     state_dtypes: set[torch.dtype]
     # per slot: index into groups_of_slots (the last entry stands in for slots with no local piece)
     slot_group: Tensor
@@ -136,24 +75,27 @@ class StepContext:
     slot_row_len: Tensor  # float64
     slot_numel: Tensor  # float64
     reusable: bool
+    # accelerators: the memory of all remembering items as one device tensor (the state holds views of it)
+    memory: Tensor | None = None
+    memory_slots: Tensor | None = None
     # what reuse checks
     groups: list[dict[str, Any]] = field(default_factory=list)
     group_params: list[list[Tensor]] = field(default_factory=list)
-    foreach: list[Any] = field(default_factory=list)
+    flags: list[Any] = field(default_factory=list)
     # per tensor of the groups: the tensor, its item (None: no gradient), its strides and dtype
     checks: list[tuple[Tensor, Item | None, tuple[int, ...], torch.dtype]] = field(default_factory=list)
-    switches: tuple[Any, ...] = ()
+    switches: Switches | None = None
 
-    def reuses(self, opt: ProjectedOptimizer, layout: Layout | None, switches: tuple[Any, ...]) -> bool:
+    def reuses(self, opt: ProjectedOptimizer, layout: Layout | None, switches: Switches) -> bool:
         """Whether this context still describes the step's tensors; if so, hands each item its new gradient."""
         if layout is not self.layout or switches != self.switches:
             return False
         groups = opt.param_groups
         if len(groups) != len(self.groups):
             return False
-        for group, known, params, foreach in zip(groups, self.groups, self.group_params, self.foreach):
+        for group, known, params, flags in zip(groups, self.groups, self.group_params, self.flags):
             ps = group["params"]
-            if group is not known or group.get("foreach") != foreach or len(ps) != len(params):
+            if group is not known or _flags(group) != flags or len(ps) != len(params):
                 return False
             if not all(map(operator.is_, ps, params)):
                 return False
@@ -169,16 +111,19 @@ class StepContext:
             if p.dtype != dtype or p.stride() != stride or state.get(p) is not item.state:
                 return False
             item.grad = grad
-        return all(batch.holds_state_of(opt._STATE_KEYS) for batch in self.kernel_batches)
+        return all(backend.holds(batch) for backend, batch in self.batches)
 
     def release(self) -> None:
-        """End of a step: drop what must not outlive it (gradients, the plain path's whole-tensor buffers)."""
+        """End of a step: drop what must not outlive it (gradients, the reference's whole-tensor updates)."""
         for item in self.items:
             item.grad = None  # type: ignore[assignment]
-        for item in self.others:
-            item.extra.clear()
-        for batch in self.kernel_batches:
-            batch.release()
+        for backend, batch in self.batches:
+            backend.release(batch)
+
+
+def _flags(group: dict[str, Any]) -> tuple[Any, Any]:
+    """The constructor flags of a group that choose its tensors' backends."""
+    return group.get("foreach"), group.get("fused")
 
 
 class ProjectedOptimizer(Optimizer):
@@ -193,9 +138,8 @@ class ProjectedOptimizer(Optimizer):
         self._layouts: list[Layout] = []
         self._reducer: Reducer | None = None
         self._record_given()
-        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._backends: dict[str, Backend] = backends.create(self._RULE)  # they keep their own scratch buffers
         self._stats: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
-        self._step_cache: dict[str, Any] = {}
         self._contexts: dict[int | None, StepContext] = {}  # per layout (id; None: unsharded), see StepContext
         self._segments: dict[int, tuple[Any, ParamSpec, list[Segment]]] = {}  # see _unsharded_segments
         # last record per layout (None: unsharded), so engines that step group by group report them all
@@ -209,6 +153,7 @@ class ProjectedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
         self._init_runtime()
 
     def attach_layout(self, layout: Layout | Sequence[Layout] | None, reducer: Reducer | None = None) -> None:
@@ -223,7 +168,8 @@ class ProjectedOptimizer(Optimizer):
         else:
             self._layouts = [layout] if isinstance(layout, Layout) else list(layout)
         self._reducer = reducer
-        self._scratch.clear()
+        for backend in self._backends.values():
+            backend.clear()
         self._contexts.clear()
 
     @property
@@ -318,40 +264,7 @@ class ProjectedOptimizer(Optimizer):
             )
 
     # ----- what subclasses provide -----
-    _STATE_KEYS: tuple[str, ...] | None = None  # state tensors the fused kernels update (None: no kernels)
-    _KERNELS = ""  # prefix of the kernels' entry points (hf_adamp.kernels): "adam", "sgd"
-
-    def _kernel_scalars(self, group: dict[str, Any], step: int, decay: float) -> list[float]:
-        """One row of the kernels' scalar table for a run of a tensor of ``group`` at its ``step`` (what
-        ``_advance_step`` returned), applying ``decay`` in pass 1."""
-        raise NotImplementedError
-
-    def _advance_step(self, state: dict[str, Any]) -> int:
-        """Count this step in a tensor's state; returns the count its scalars depend on (0: none do)."""
-        return 0
-
-    def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def _prepare(self, item: Item) -> None:
-        """Advance per-tensor counters and fill ``item.scalars`` (host floats only)."""
-        raise NotImplementedError
-
-    def _decay_factors(self, group: dict[str, Any]) -> tuple[float, float]:
-        """Multipliers of the parameter for weight decay: (not projected, projected)."""
-        raise NotImplementedError
-
-    def _first_plain(self, item: Item, stats: Tensor) -> None:
-        raise NotImplementedError
-
-    def _second_plain(self, item: Item, coef: Tensor, decay: Tensor) -> None:
-        raise NotImplementedError
-
-    def _first_fast(self, item: Item, stats: Tensor) -> None:
-        raise NotImplementedError
-
-    def _second_fast(self, item: Item, coef: Tensor, decay: Tensor) -> None:
-        raise NotImplementedError
+    _RULE: Any = None  # rules.AdamRule / rules.SgdRule: state, step count, per-step scalars, decay multipliers
 
     # ----- the step -----
     @torch.no_grad()
@@ -361,9 +274,8 @@ class ProjectedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        self._step_cache: dict[str, Any] = {}  # see once_per_step
         layout = self._active_layout()
-        ctx = self._context(layout)
+        ctx = self._context(layout, self._read_switches())
         items = ctx.items
         # A sharded rank joins the collective even when none of its tensors has a gradient (an empty
         # shard), else the other ranks would wait for it forever.
@@ -381,11 +293,9 @@ class ProjectedOptimizer(Optimizer):
 
     def _step_phases(self, ctx: StepContext, sharded: bool) -> None:
         stats = self._stats_buffer(ctx.total_rows, ctx.stats_dtype, ctx.device)
-        for batch in ctx.kernel_batches:
-            batch.first(self, stats)
-        for item in ctx.others:
-            self._prepare(item)
-            (self._first_fast if self._fast(item) else self._first_plain)(item, stats)
+        decays = self._count_step(ctx.items)
+        for backend, batch in ctx.batches:
+            backend.first(batch, stats, ctx.switches)
 
         if sharded:
             self._reducer(stats)
@@ -394,45 +304,96 @@ class ProjectedOptimizer(Optimizer):
         if ctx.total_rows == 0 or not ctx.items:
             self._records.pop(record_key, None)
             return
-        decision, decay, lr = self._decide(stats, ctx)
+        decision, decay, lr = self._decide(stats, ctx, decays)
         self._records[record_key] = StepRecord(ctx.record_keys, decision.kind, decision.weight_norm, lr)
-        self._step_kinds: Tensor | list[int] = decision.kind
+        decided = Decided({dt: decision.coef.to(dt) for dt in ctx.state_dtypes}, decay, decision.kind)
+        for backend, batch in ctx.batches:
+            backend.second(batch, decided)
+        self._remember(ctx, decided)
 
-        coefs = {dt: decision.coef.to(dt) for dt in ctx.state_dtypes}
-        for batch in ctx.kernel_batches:
-            batch.second(self, coefs[batch.dtype], decay)
-        for item in ctx.others:
-            (self._second_fast if self._fast(item) else self._second_plain)(item, coefs[state_dtype(item.param)], decay)
+    def _count_step(self, items: list[Item]) -> dict[int, tuple[float, float]]:
+        """Count the step in every tensor's state and hand each tensor its scalars, computed once per group and
+        step count (tensors added later count fewer steps). Returns the groups' decay multipliers (by id)."""
+        rule = self._RULE
+        advance = rule.advance
+        computed: dict[tuple[int, int], Any] = {}
+        decays: dict[int, tuple[float, float]] = {}
+        for item in items:
+            group = item.group
+            step = advance(item.state)
+            key = (id(group), step)
+            scalars = computed.get(key)
+            if scalars is None:
+                factors = decays.get(id(group))
+                if factors is None:
+                    factors = decays[id(group)] = rule.decays(group)
+                scalars = computed[key] = rule.scalars(group, step, factors)
+            item.scalars = scalars
+        return decays
 
-    def _switches(self) -> tuple[Any, ...]:
-        """The environment switches that choose each tensor's path (a context is only reused under the same)."""
-        from . import _triton  # deferred: it imports this module
+    def _remember(self, ctx: StepContext, decided: Decided) -> None:
+        """Keep each parameter's outcome in its state (``last_projection``): ``last + 3 * the one before``, one
+        entry per slot of the tensor. Host ints on the CPU; on accelerators one device tensor for all tensors,
+        updated in place, whose views the states hold (no step reads the device)."""
+        if not ctx.remembering:
+            return
+        if ctx.device.type == "cpu":
+            kinds = decided.kinds()
+            for item in ctx.remembering:
+                old = item.state.get(MEMORY_KEY)
+                if type(old) is not list or len(old) != len(item.slots):  # the common case costs two checks
+                    old = memory_of(item)
+                if old is None:
+                    item.state[MEMORY_KEY] = [kinds[s] for s in item.slots]
+                else:
+                    item.state[MEMORY_KEY] = [kinds[s] + 3 * (old[k] % 3) for k, s in enumerate(item.slots)]
+            return
+        if ctx.memory is None:
+            self._device_memory(ctx)
+        memory = ctx.memory
+        newest = decided.kind.index_select(0, ctx.memory_slots).to(memory.dtype)
+        memory.copy_(newest + memory.remainder(3) * 3)
 
-        return (self.kernels_available(), self.once_per_step("triton_on_cpu", _triton.forced_on_cpu))
+    @staticmethod
+    def _device_memory(ctx: StepContext) -> None:
+        """The remembering items' memory gathered into one device tensor, the states given views of it (a memory
+        that is a device tensor already is not read on the host)."""
+        parts, slots = [], []
+        for item in ctx.remembering:
+            known = item.state.get(MEMORY_KEY)
+            if not (isinstance(known, Tensor) and known.shape == (len(item.slots),)):
+                known = memory_of(item) or [projection.NONE] * len(item.slots)
+                known = torch.tensor(known, dtype=torch.int64)
+            parts.append(known.to(ctx.device, torch.int64))
+            slots += item.slots
+        ctx.memory = torch.cat(parts)
+        ctx.memory_slots = torch.tensor(slots, dtype=torch.int64).to(ctx.device)
+        at = 0
+        for item in ctx.remembering:
+            item.state[MEMORY_KEY] = ctx.memory[at : at + len(item.slots)]
+            at += len(item.slots)
 
-    def _context(self, layout: Layout | None) -> StepContext:
+    def _read_switches(self) -> Switches:
+        disabled = kernels.disabled_by_env()
+        return Switches.read(disabled, not disabled and kernels.available())
+
+    def _context(self, layout: Layout | None, switches: Switches) -> StepContext:
         """The step's context: the last one while it still describes the tensors, else a new one."""
         key = id(layout) if layout is not None else None
-        switches = self._switches()
         ctx = self._contexts.get(key)
         if ctx is not None and ctx.reuses(self, layout, switches):
             return ctx
         self._contexts.pop(key, None)
-        if layout is None and self._engine_replaced_tensors():
-            from ..sharding.auto import auto_attach  # deferred: sharding imports this module
-
-            if auto_attach(self):
-                layout = self._active_layout()
-                key = id(layout) if layout is not None else None
+        if layout is None and self._engine_replaced_tensors() and auto_attach(self):
+            layout = self._active_layout()
+            key = id(layout) if layout is not None else None
         ctx = self._new_context(layout, switches)
         if ctx.reusable:
             self._contexts[key] = ctx
         return ctx
 
-    def _new_context(self, layout: Layout | None, switches: tuple[Any, ...]) -> StepContext:
-        from . import _fused  # deferred, like the triton glue: both import this module
-
-        items, specs, slot_groups, keys, reusable = self._collect(layout)
+    def _new_context(self, layout: Layout | None, switches: Switches) -> StepContext:
+        items, chosen, specs, slot_groups, keys, reusable = self._collect(layout, switches)
         # dtype and device from all tensors, not only those with gradients, so every rank agrees
         tensors = [p for group in self.param_groups for p in group["params"]]
         device = tensors[0].device if tensors else torch.device("cpu")
@@ -440,7 +401,12 @@ class ProjectedOptimizer(Optimizer):
         # do not (on accelerators fp32, the Triton kernels' accumulators)
         wide = device.type == "cpu" or any(state_dtype(p) == torch.float64 for p in tensors)
         stats_dtype = torch.float64 if wide else torch.float32
-        on_kernels, others = self._split_kernel_items(items)
+        by_backend: dict[str, list[Item]] = {}
+        for item, backend in zip(items, chosen):
+            by_backend.setdefault(backend.name, []).append(item)
+        # the order of the backends' passes: the C++ kernels first (one call for all their tensors)
+        order = [name for name in ("cpu", "triton", "eager", "reference") if name in by_backend]
+        batches = [(self._backends[n], self._backends[n].prepare(by_backend[n])) for n in order]
         # a slot with no local piece is not applied here; give it this step's group so ranks report alike
         fallback = next((g for g in slot_groups if g is not None), self.defaults)
         groups_of_slots: list[dict[str, Any]] = []
@@ -461,8 +427,8 @@ class ProjectedOptimizer(Optimizer):
             total_rows=layout.total_rows if layout is not None else sum(s.rows for s in specs),
             stats_dtype=stats_dtype,
             device=device,
-            kernel_batches=_fused.batches(self, on_kernels),
-            others=others,
+            batches=batches,
+            remembering=[item for item in items if item.slots],
             state_dtypes={state_dtype(item.param) for item in items},
             slot_group=torch.tensor(slot_group, dtype=torch.int64),
             groups_of_slots=groups_of_slots,
@@ -470,55 +436,30 @@ class ProjectedOptimizer(Optimizer):
             slot_row_len=torch.tensor([float(max(s.row_len, 1)) for s in specs], dtype=torch.float64),
             slot_numel=torch.tensor([float(max(s.numel, 1)) for s in specs], dtype=torch.float64),
             reusable=reusable,
+            switches=switches,
         )
         if reusable:
             ctx.groups = list(self.param_groups)
             ctx.group_params = [list(g["params"]) for g in self.param_groups]
-            ctx.foreach = [g.get("foreach") for g in self.param_groups]
+            ctx.flags = [_flags(g) for g in self.param_groups]
             ctx.checks = [(p, item_of.get(id(p)), p.stride(), p.dtype) for p in tensors]
-            ctx.switches = switches
         return ctx
 
-    def _split_kernel_items(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
-        """The items the fused CPU kernels step (all in one call per pass), and the others."""
-        if self._STATE_KEYS is None:
-            return [], items
-        from . import _fused, _triton
-
-        keys = self._STATE_KEYS
-        triton_on_cpu = self._switches()[1]  # tests: Triton's interpreter
-        on, off = [], []
-        for item in items:
-            takes = (
-                self._fast(item)
-                and _fused.usable(self, item, keys)
-                and not (triton_on_cpu and _triton.usable(item, keys))
-            )
-            (on if takes else off).append(item)
-        return on, off
-
-    def _slot_kinds(self) -> list[int]:
-        """This step's decision per slot as host ints (a sync on accelerators: only the CPU kernels use it)."""
-        if isinstance(self._step_kinds, Tensor):
-            self._step_kinds = self._step_kinds.tolist()
-        return self._step_kinds
-
-    @staticmethod
-    def _fast(item: Item) -> bool:
-        return item.group.get("foreach") is not False
-
     def _collect(
-        self, layout: Layout | None
-    ) -> tuple[list[Item], list[ParamSpec], list[dict[str, Any] | None], list[Any], bool]:
-        """Tensors with gradients, their segments, the table of parameter slots, and whether all this can be reused
-        at the next step (only the user's dense tensors were seen: no DTensor shard, no gradient copied)."""
+        self, layout: Layout | None, switches: Switches
+    ) -> tuple[list[Item], list[Backend], list[ParamSpec], list[dict[str, Any] | None], list[Any], bool]:
+        """Tensors with gradients, their backends and segments, the table of parameter slots, and whether all this
+        can be reused at the next step (only the user's dense tensors were seen: no DTensor shard, no gradient
+        copied)."""
         items: list[Item] = []
+        chosen: list[Backend] = []
         reusable = True
         specs: list[ParamSpec] = [] if layout is None else layout.params
         slot_groups: list[dict[str, Any] | None] = [None] * len(specs)
         keys: list[Any] = [] if layout is None else [s.name for s in specs]
         offset = 0
         seen: set[int] = set()
+        owner = type(self).__name__
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in seen:  # appended by hand: add_param_group refuses them
@@ -529,17 +470,31 @@ class ProjectedOptimizer(Optimizer):
                 self._check_tensor(p)
                 if layout is None:
                     self._check_unsharded(p, group)
+                elif not layout.holds(p):
+                    raise RuntimeError(
+                        f"{owner}: a tensor of shape {tuple(p.shape)} is not in the attached "
+                        "sharding layout, so its parameter rows are unknown. Re-attach the layout after the "
+                        "engine rebuilds its partitions (see hf_adamp.sharding)."
+                    )
                 state = self.state[p]
                 if not state:
-                    self._init_state(p, state)  # a DTensor's state is DTensors too (checkpointable)
-                chunk = self._chunk_elems(p, group)
+                    self._RULE.init_state(p, state)  # a DTensor's state is DTensors too (checkpointable)
+                local, grad, local_state = p, p.grad, state
+                if is_dtensor(p):  # FSDP2: the step works on this rank's shard (its layout says which rows)
+                    local, grad, local_state = p.to_local(), grad.to_local(), LocalState(state)
+                    reusable = False
+                target = None
+                if not rows_dense(local):  # a strided view: the step works on a dense copy, written back after it
+                    target, local, grad = local, local.contiguous(), grad.contiguous()
+                    make_state_dense(local_state, local.shape)
+                    reusable = False
+                if grad.stride() != local.stride():
+                    grad = torch.empty_like(local, dtype=grad.dtype).copy_(grad)
+                    reusable = False
+                item = Item(local, grad, local_state, group, [], specs=specs, target=target)
+                backend = backends.select_backend(item, switches, self._backends, owner)
+                chunk = backend.segment_elems()
                 if layout is not None:
-                    if not layout.holds(p):
-                        raise RuntimeError(
-                            f"{type(self).__name__}: a tensor of shape {tuple(p.shape)} is not in the attached "
-                            "sharding layout, so its parameter rows are unknown. Re-attach the layout after the "
-                            "engine rebuilds its partitions (see hf_adamp.sharding)."
-                        )
                     segments = layout.segments(p, chunk)
                     for seg in segments:
                         if seg.slot >= 0 and slot_groups[seg.slot] is None:
@@ -551,20 +506,11 @@ class ProjectedOptimizer(Optimizer):
                         slot_groups.append(group)
                         keys.append(p)
                         offset += spec.rows
-                grad = p.grad
-                if is_dtensor(p):  # FSDP2: the step works on this rank's shard (its layout says which rows)
-                    p, grad, state = p.to_local(), grad.to_local(), LocalState(state)
-                    reusable = False
-                target = None
-                if not rows_dense(p):  # a strided view: the step works on a dense copy, written back after it
-                    target, p, grad = p, p.contiguous(), grad.contiguous()
-                    _make_state_dense(state, p.shape)
-                    reusable = False
-                if grad.stride() != p.stride():
-                    grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
-                    reusable = False
-                items.append(Item(p, grad, state, group, segments, specs=specs, target=target))
-        return items, specs, slot_groups, keys, reusable
+                item.segments = segments
+                item.slots = tuple(dict.fromkeys(seg.slot for seg in segments if seg.slot >= 0))
+                items.append(item)
+                chosen.append(backend)
+        return items, chosen, specs, slot_groups, keys, reusable
 
     def _unsharded_segments(
         self, p: Tensor, slot: int, offset: int, chunk: int
@@ -581,24 +527,6 @@ class ProjectedOptimizer(Optimizer):
             cached = self._segments[id(p)] = (key, spec, split_piece(piece, spec, key[2], chunk))
         return (cached[1] if projectable else None), cached[2]
 
-    def once_per_step(self, key: str, read: Callable[[], Any]) -> Any:
-        """``read()`` the first time ``key`` is asked for in this step, its value afterwards (switches that
-        read the environment cost more than the rest of a small tensor's step)."""
-        cache = self._step_cache
-        if key not in cache:
-            cache[key] = read()
-        return cache[key]
-
-    def kernels_available(self) -> bool:
-        return self.once_per_step("kernels", kernels.available)
-
-    def _chunk_elems(self, p: Tensor, group: dict[str, Any]) -> int:
-        """Segment size: whole pieces for the plain path and the fused CPU kernels (a run per piece),
-        cache-sized chunks for the eager fast path."""
-        if group.get("foreach") is False or (p.is_cpu and self.kernels_available()):
-            return _WHOLE
-        return CHUNK_ELEMS
-
     def _check_tensor(self, p: Tensor) -> None:
         name = type(self).__name__
         if p.grad.is_sparse:
@@ -608,15 +536,18 @@ class ProjectedOptimizer(Optimizer):
         if not p.is_floating_point():
             raise TypeError(f"{name} needs floating-point parameters (got {p.dtype})")
 
-    def _decide(self, stats: Tensor, ctx: StepContext) -> tuple[projection.Decision, Tensor, Tensor]:
+    def _decide(
+        self, stats: Tensor, ctx: StepContext, decays: dict[int, tuple[float, float]]
+    ) -> tuple[projection.Decision, Tensor, Tensor]:
         """Per-slot hyperparameters as tensors, then the batched decision, decay multipliers and lr."""
         dtype, device = stats.dtype, stats.device
         # per group, then gathered per slot: delta, eps, lr, decay factors (not projected, projected)
-        values = [(g["delta"], g["eps"], lr_of(g), *self._decay_factors(g)) for g in ctx.groups_of_slots]
+        rule = self._RULE
+        values = [(g["delta"], g["eps"], lr_of(g), *(decays.get(id(g)) or rule.decays(g))) for g in ctx.groups_of_slots]
         delta, eps, lr, plain, projected = torch.tensor(values, dtype=torch.float64)[ctx.slot_group].T.contiguous()
-        if ctx.kernel_batches and device.type == "cpu":  # the same maths in one C++ loop
-            found = kernels.module().decide(stats, ctx.slot_counts, ctx.slot_row_len, ctx.slot_numel, delta, eps)
-            decision = projection.Decision(*found)
+        decider = next((b for b, _ in ctx.batches if b.decides_on_host), None)
+        if decider is not None and device.type == "cpu":  # the same maths in one C++ loop
+            decision = decider.decide(stats, ctx.slot_counts, ctx.slot_row_len, ctx.slot_numel, delta, eps)
             as_t = lambda t: t.to(dtype)  # noqa: E731
         else:
             as_t = lambda t: t.to(dtype).to(device, non_blocking=True)  # noqa: E731
@@ -637,18 +568,6 @@ class ProjectedOptimizer(Optimizer):
         else:
             buf.zero_()
         return buf
-
-    # ----- helpers for subclasses -----
-    def scratch(self, dtype: torch.dtype, device: torch.device, count: int, elems: int) -> list[Tensor]:
-        """``count`` reusable flat buffers of at least ``elems`` elements (no page faults per step)."""
-        key = (dtype, device)
-        buf = self._scratch.get(key)
-        if buf is None or buf.shape[0] < count or buf.shape[1] < elems:
-            rows = max(count, 0 if buf is None else buf.shape[0])
-            cols = max(elems, CHUNK_ELEMS, 0 if buf is None else buf.shape[1])
-            buf = torch.empty((rows, cols), dtype=dtype, device=device)
-            self._scratch[key] = buf
-        return [buf[i, :elems] for i in range(count)]
 
     def projection_decisions(self) -> dict[Any, str]:
         """What the last step decided for each projectable parameter: "channel", "layer" or "none".
@@ -706,114 +625,4 @@ class ProjectedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
-
-
-def is_dtensor(t: Tensor) -> bool:
-    kind = type(t)
-    known = _DTENSOR_TYPES.get(kind)
-    if known is None:  # by name: DTensor is only importable where torch.distributed is built
-        known = _DTENSOR_TYPES[kind] = any(c.__name__ == "DTensor" for c in kind.__mro__)
-    return known
-
-
-_DTENSOR_TYPES: dict[type, bool] = {}
-
-
-def is_sharded_tensor(t: Tensor) -> bool:
-    """A tensor that only ever holds a shard: an FSDP2 DTensor, an FSDP1 FlatParameter, or an original parameter
-    of FSDP1 with use_orig_params=True (FSDP flags it; between steps it is a 1-D slice of this rank's shard)."""
-    if is_dtensor(t) or getattr(t, "_is_flat_param", False):
-        return True
-    return bool(getattr(t, "_fsdp_flattened", False)) and t.dim() <= 1
-
-
-class LocalState(MutableMapping):
-    """A parameter's state seen through its local shards: DTensor entries read as ``to_local()`` views
-    (in-place updates reach the DTensor), writes go to the real state."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self._state = state
-
-    def __getitem__(self, key: str) -> Any:
-        value = self._state[key]
-        return value.to_local() if isinstance(value, Tensor) and is_dtensor(value) else value
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self._state[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self._state[key]
-
-    def __iter__(self):
-        return iter(self._state)
-
-    def __len__(self) -> int:
-        return len(self._state)
-
-
-def rows_dense(t: Tensor) -> bool:
-    """The tensor's elements fill its storage span with the first dimension outermost, so ``flat`` can view it.
-
-    Row sums do not depend on the order inside a row, so any such dense layout works (contiguous, or
-    channels_last for conv weights).
-    """
-    if t.is_contiguous():
-        return True
-    return t.dim() > 1 and t.stride(0) * t.shape[0] == t.numel() and sorted(t.stride())[0] == 1 and _is_dense(t)
-
-
-def flat(t: Tensor) -> Tensor:
-    """The tensor's storage as a 1-D view in memory order (see ``rows_dense``; the step gives other tensors a
-    dense working copy)."""
-    if t.is_contiguous():
-        return t.view(-1)
-    if rows_dense(t):
-        return t.as_strided((t.numel(),), (1,))
-    raise RuntimeError(
-        f"hf_adamp: a tensor of shape {tuple(t.shape)} with strides {t.stride()} is not stored densely row by row"
-    )
-
-
-def _make_state_dense(state: MutableMapping[str, Any], shape: torch.Size) -> None:
-    """State tensors of a strided parameter, made contiguous once (they then stay so) for its working copy."""
-    for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == shape and not rows_dense(value):
-            state[key] = value.contiguous()
-
-
-def _is_dense(t: Tensor) -> bool:
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def seg_view(flat_tensor: Tensor, seg: Segment) -> Tensor:
-    """The segment's elements as a (rows, row_len) view."""
-    n = seg.rows * seg.row_len
-    return flat_tensor[seg.start : seg.start + n].view(seg.rows, seg.row_len)
-
-
-def compute_copy(t: Tensor) -> Tensor:
-    """The tensor in its compute dtype: itself for fp32/fp64, an fp32 copy for fp16/bf16."""
-    dt = state_dtype(t)
-    return t if t.dtype == dt else t.to(dt)
-
-
-def write_back(param: Tensor, computed: Tensor) -> None:
-    if computed is not param:
-        param.copy_(computed)
-
-
-def load_segment(src: Tensor, buf: Tensor, seg: Segment, upcast: bool, negate: bool) -> Tensor:
-    """A segment in the compute dtype: the view itself, or a copy in scratch memory."""
-    if not upcast and not negate:
-        return src
-    out = buf.view(seg.rows, seg.row_len)
-    if negate:
-        torch.neg(src, out=out) if not upcast else out.copy_(src).neg_()
-    else:
-        out.copy_(src)
-    return out
+            group.setdefault("fused", None)
