@@ -72,9 +72,8 @@ STEPS = 12  # three rounds of the forced outcomes
 
 @pytest.fixture
 def launches(monkeypatch) -> Spy:
-    """Opts DEVICE's tensors into the Triton path and counts its launches.
-
-    The one place these tests reach into hf_adamp's internals: the glue module that holds the kernel module."""
+    """Opts DEVICE's tensors into the Triton path and counts its launches (test_triton.Spy wraps the kernel
+    functions that the glue module, hf_adamp.optim._triton, holds). The one place these tests touch that glue."""
     from hf_adamp.optim import _triton
 
     monkeypatch.setenv(OPT_IN_ENV, "1")
@@ -85,6 +84,10 @@ def launches(monkeypatch) -> Spy:
 
 def total(spy: Spy) -> int:
     return sum(spy.calls.values())
+
+
+def assert_triton_path_taken(spy: Spy, name: str) -> None:
+    assert spy.used(kind(name)), f"{name} did not take the Triton path (launches: {spy.calls})"
 
 
 def reference_tol(shapes: list[tuple[int, ...]]) -> float:
@@ -119,7 +122,7 @@ def test_fp32_matches_plain_path_and_reference(launches, name, kwargs, shapes):
     for shape, outcomes in zip(shapes, seen):
         assert outcomes == expected_outcomes(shape), shape
     assert set().union(*seen) == ALL_OUTCOMES
-    assert launches.used(kind(name))
+    assert_triton_path_taken(launches, name)
 
 
 @cuda
@@ -132,7 +135,7 @@ def test_half_precision_matches_plain_path(launches, name, kwargs, shapes, dtype
     seen: set[str] = set()
     check_half_precision_against_plain(name, kwargs, dtype, STEPS, shapes=shapes, device=DEVICE, outcomes=seen)
     assert seen == ALL_OUTCOMES
-    assert launches.used(kind(name))
+    assert_triton_path_taken(launches, name)
 
 
 @cuda
@@ -144,7 +147,7 @@ def test_sharded_partial_rows_match_reference(launches, name, kwargs):
     assert max_rel_err(ours, expected) <= FP32_TOL
     assert opts[0].projection_decisions() == opts[1].projection_decisions()
     assert seen == ALL_OUTCOMES
-    assert launches.used(kind(name))
+    assert_triton_path_taken(launches, name)
 
 
 @cuda
@@ -156,7 +159,7 @@ def test_maximize_matches_plain_path(launches, name, kwargs):
     for a, b in zip(plain, ours):
         assert max_rel_err(b.detach(), a.detach()) <= FP32_TOL
     assert seen == ALL_OUTCOMES
-    assert launches.used(kind(name))
+    assert_triton_path_taken(launches, name)
 
 
 @cuda
@@ -243,7 +246,7 @@ def test_no_kernel_recompiled_between_steps(launches, name, kwargs):
     step_with_new_lr(opt, ps, grads)
     torch.cuda.synchronize()
     assert compiled_kernel_variants() == variants
-    assert launches.used(kind(name))
+    assert_triton_path_taken(launches, name)
 
 
 # ---------------------------------------------------------------------------------- this file's logic, on CPU
