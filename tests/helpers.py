@@ -10,15 +10,16 @@ SHAPES = [(6,), (7, 5), (4, 3, 3, 3), (1, 40), (9, 1), (3, 3000), (16, 24)]
 MODES = ("channel", "layer", "none", "random")
 
 
-def make_params(shapes=SHAPES, dtype=torch.float64, seed=0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+def make_params(shapes=SHAPES, dtype=torch.float64, seed=0, device="cpu") -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)  # drawn on CPU, so that every device gets the same values
+    return [torch.randn(s, generator=g, dtype=dtype).to(device) for s in shapes]
 
 
 def forced_grad(p: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     """A gradient for ``p`` that makes AdamP take ``mode``: "channel" (orthogonal to every row),
-    "layer" (orthogonal to the whole tensor but not to its rows), "none" (mostly along p) or "random"."""
-    g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    "layer" (orthogonal to the whole tensor but not to its rows), "none" (mostly along p) or "random".
+    ``gen`` is a CPU generator, whatever the device of ``p``."""
+    g = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
     if p.dim() <= 1 or mode == "random":
         return g
     p = p.detach()

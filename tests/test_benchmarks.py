@@ -42,6 +42,33 @@ def test_kernel_modes_prints_its_table() -> None:
     assert "SGDP repair" in done.stdout and "AdamP apply" in done.stdout
 
 
+def _run_gpu_check(env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--rounds", "1", "--steps", "1"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_check_without_cuda_says_so() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check would run for real")
+    env = {k: v for k, v in _env().items() if k != "GPU_CHECK_ON_CPU"}
+    done = _run_gpu_check(env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "no CUDA device here" in done.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_under_the_interpreter() -> None:
+    """GPU_CHECK_ON_CPU=1: a few of the cuda tests and the timing table, on CPU through Triton's interpreter."""
+    pytest.importorskip("triton")
+    done = _run_gpu_check(dict(_env(), GPU_CHECK_ON_CPU="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "PASS  checks (tests/test_cuda.py, -m cuda): 2 passed" in out and "all checks passed" in out
+    assert "hf_adamp.AdamP(eager)" in out and "torch.SGD(fused)" in out
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_zero_offload_benchmark_prints_its_table() -> None:
