@@ -30,6 +30,7 @@ from test_triton import Spy, kind, step_all
 
 import hf_adamp
 from hf_adamp import kernels
+from hf_adamp.optim.backends import triton as _triton
 
 ROOT = Path(__file__).resolve().parents[1]
 ON_CPU_SWITCH = "HF_ADAMP_CUDA_TESTS_ON_CPU"
@@ -73,9 +74,7 @@ STEPS = 12  # three rounds of the forced outcomes
 @pytest.fixture
 def launches(monkeypatch) -> Spy:
     """Opts DEVICE's tensors into the Triton path and counts its launches (test_triton.Spy wraps the kernel
-    functions that the glue module, hf_adamp.optim._triton, holds). The one place these tests touch that glue."""
-    from hf_adamp.optim import _triton
-
+    functions that the backend module, hf_adamp.optim.backends.triton, holds). The one place these tests touch it."""
     monkeypatch.setenv(OPT_IN_ENV, "1")
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
     assert _triton.available(), "triton does not import here: the Triton path cannot run"
