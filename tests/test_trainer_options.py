@@ -353,13 +353,15 @@ def test_optim_args_types():
         "delta": 0.5,
     }
     assert hf_adamp.integrations.parse_optim_args("radam", None) == {}
+    assert hf_adamp.integrations.parse_optim_args("adamp", "fused=false") == {"fused": False}
+    assert hf_adamp.integrations.parse_optim_args("sgdp", "fused=true") == {"fused": True}
 
 
 @pytest.mark.parametrize(
     "name, optim_args, message",
     [
-        ("adamp", "foo=1", r"unknown key 'foo' for optim='adamp'\. Valid keys: delta, nesterov, wd_ratio\."),
-        ("sgdp", "beta=0.9", "Valid keys: dampening, delta, eps, momentum, nesterov, wd_ratio"),
+        ("adamp", "foo=1", r"unknown key 'foo' for optim='adamp'\. Valid keys: delta, fused, nesterov, wd_ratio\."),
+        ("sgdp", "beta=0.9", "Valid keys: dampening, delta, eps, fused, momentum, nesterov, wd_ratio"),
         ("radam", "delta=0.1", "Valid keys: decoupled_weight_decay"),
         ("adamp", "eps=1e-6", "Set it with the TrainingArguments field adam_epsilon"),
         ("adamp", "lr=0.1", "field learning_rate"),
@@ -382,7 +384,7 @@ def test_bad_optim_args(name, optim_args, message):
 
 @pytest.mark.parametrize(
     "optim_args, message",
-    [("nesterov", "not of the form key=value"), ("foo=1", "Valid keys: delta, nesterov, wd_ratio")],
+    [("nesterov", "not of the form key=value"), ("foo=1", "Valid keys: delta, fused, nesterov, wd_ratio")],
 )
 def test_bad_optim_args_through_the_trainer(tmp_path, optim_args, message):
     """Our parser runs before the stock one, which would fail on these with an unpacking error."""

@@ -69,9 +69,10 @@ class OptimArg:
 _DELTA = OptimArg(float, meaning="cosine threshold of the projection test, delta / sqrt(row length)")
 _WD_RATIO = OptimArg(float, high=1.0, meaning="weight-decay multiplier for projected parameters")
 _NESTEROV = OptimArg(bool, meaning="Nesterov momentum")
+_FUSED = OptimArg(bool, meaning="true: hf_adamp's kernels or an error; false: never them (default: the fastest)")
 
 OPTIM_ARGS: dict[str, dict[str, OptimArg]] = {
-    "adamp": {"delta": _DELTA, "wd_ratio": _WD_RATIO, "nesterov": _NESTEROV},
+    "adamp": {"delta": _DELTA, "wd_ratio": _WD_RATIO, "nesterov": _NESTEROV, "fused": _FUSED},
     "sgdp": {
         "momentum": OptimArg(float, high=1.0, high_inclusive=False, meaning=f"default {SGDP_TRAINER_MOMENTUM}"),
         "dampening": OptimArg(float, high=1.0),
@@ -79,6 +80,7 @@ OPTIM_ARGS: dict[str, dict[str, OptimArg]] = {
         "eps": OptimArg(float, meaning="norm floor of the cosine test and the projection"),
         "delta": _DELTA,
         "wd_ratio": _WD_RATIO,
+        "fused": _FUSED,
     },
     "radam": {"decoupled_weight_decay": OptimArg(bool, meaning="AdamW-style decay (default true)")},
 }
