@@ -224,11 +224,14 @@ def test_small_chunks_and_groups(path, monkeypatch, name, kwargs):
     check_used(path)
 
 
-def check_half_precision_against_plain(name, kwargs, dtype, steps, shapes=SHAPES, device="cpu", outcomes=None):
+def check_half_precision_against_plain(
+    name, kwargs, dtype, steps, shapes=SHAPES, device="cpu", outcomes=None, cancellation_slack=False
+):
     """fp32 state and arithmetic for half weights: each step, the fast path rounds the same fp32 values as the
-    plain one, give or take the fp32 arithmetic's own rounding (weights re-synchronised after every step, so that
-    one-ulp rounding differences do not grow). ``outcomes``: a set that collects the fast path's projection
-    outcomes of every step."""
+    plain one (weights re-synchronised after every step, so that one-ulp rounding differences do not grow).
+    ``outcomes``: a set that collects the fast path's projection outcomes of every step. ``cancellation_slack``:
+    also allow the fp32 arithmetic's own rounding where a step nearly cancels a weight, and the subnormal spacing
+    (needed on long rows, where both occur)."""
     base = make_params(shapes, dtype=torch.float32, seed=4, device=device)
     plain, fast = ([p.to(dtype).requires_grad_() for p in base] for _ in range(2))
     opts = [getattr(hf_adamp, name)(ps, foreach=foreach, **kwargs) for ps, foreach in ((plain, False), (fast, True))]
@@ -248,7 +251,9 @@ def check_half_precision_against_plain(name, kwargs, dtype, steps, shapes=SHAPES
             outcomes.update(opts[1].projection_decisions().values())
         for a, b, before in zip(plain, fast, old):
             x, y = a.detach().float(), b.detach().float()
-            bound = 2 * ulp * x.abs() + subnormal_spacing + fp32_noise * before.abs()
+            bound = 2 * ulp * x.abs()
+            if cancellation_slack:
+                bound = bound + subnormal_spacing + fp32_noise * before.abs()
             assert ((x - y).abs() <= bound).all()  # at most one rounding apart
             b.data.copy_(a.data)
     for a, b in zip(plain, fast):
