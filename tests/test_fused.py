@@ -487,3 +487,53 @@ def test_half_precision_rounding_matches_torch(dtype):
         nan = expected.isnan()
         assert torch.equal(p.isnan(), nan), decay
         assert torch.equal(p[~nan].view(torch.int16), expected[~nan].view(torch.int16)), decay
+
+
+def test_tensor_table_checks_gradients_always_and_swapped_storage_again():
+    """A table made with the step before's checks each gradient against its parameter, and a whole set again
+    once its parameter or state has other storage (``p.data = ...``); its pointers are always read anew."""
+    if not kernels.available():
+        pytest.skip("the fused kernels are unavailable here")
+    p, m = torch.randn(6, 4), torch.zeros(6, 4)
+    table = kernels.TensorTable([torch.randn(6, 4), p, m], 3)
+    with pytest.raises(RuntimeError, match="laid out unlike the parameter"):
+        kernels.TensorTable([torch.randn(4, 6).t(), p, m], 3, table)
+    m.data = torch.zeros(6, 4)  # same layout, new memory: accepted, at its new address
+    again = kernels.TensorTable([torch.randn(6, 4), p, m], 3, table)
+    assert again.ptrs[2] == m.data_ptr() != table.ptrs[2]
+    m.data = torch.zeros(4, 6).t()  # the same shape, but transposed in memory: the set is checked again
+    with pytest.raises(RuntimeError, match="laid out unlike the parameter"):
+        kernels.TensorTable([torch.randn(6, 4), p, m], 3, again)
+    with pytest.raises(RuntimeError, match="sets of 4"):
+        kernels.module().adam_first(
+            again, torch.zeros(0, 7, dtype=torch.int64), torch.zeros(0, 8).double(), torch.zeros(4, 1), torch.zeros(1)
+        )
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
+def test_step_after_storage_swap_lands_in_the_new_storage(monkeypatch, name):
+    """Weights and state given new memory between steps (the tensors stay the same objects, the old memory stays
+    alive): the kernels' kept tables step the new memory, as the eager path does."""
+    if not kernels.available():
+        pytest.skip("the fused kernels are unavailable here")
+    results = []
+    for disabled in (False, True):
+        if disabled:
+            monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+        else:
+            monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(5))]
+        make = hf_adamp.AdamP if name == "adamp" else hf_adamp.SGDP
+        opt = make(params, lr=0.1, weight_decay=0.1, **({} if name == "adamp" else {"momentum": 0.9}))
+        old = []  # the replaced memory, kept alive so that a stale pointer would write there unnoticed
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            for t in [*params, *(v for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor))]:
+                old.append(t.data)
+                t.data = t.data.clone()
+        results.append([p.detach().clone() for p in params])
+    for fused, plain in zip(*results):
+        assert max_rel_err(fused, plain) <= 1e-5

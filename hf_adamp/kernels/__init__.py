@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import operator
 import os
 import re
 import shutil
@@ -452,32 +453,63 @@ def _stats(t: Tensor) -> tuple[int, int, int, int]:
     return t.data_ptr(), code, t.stride(0), t.shape[1]
 
 
-def _tensors(tensors: list[Tensor], per: int) -> tuple[array, array, array]:
-    """Per tensor: data pointer, elements, dtype code. The tensors of a parameter are addressed as flat storage,
-    so they must share its dense layout, with the first dimension outermost (rows contiguous)."""
-    if len(tensors) % per:
-        _fail("tensors are not whole tensor sets")
-    for base in range(0, len(tensors), per):
-        group = tensors[base : base + per]
-        param = group[1]
-        shape = param.shape
-        contiguous = param.is_contiguous()
-        if not contiguous:
-            strides = param.stride()
-            if not is_dense(param):
-                _fail("the parameter is not dense")
-            if param.dim() > 1 and strides[0] * shape[0] != param.numel():
-                _fail("the parameter's first dimension is not outermost")
-        for t in group:
-            if not t.is_cpu:
-                _fail("every tensor must be on the CPU")
-            # equal shapes, both contiguous: the same flat layout (a cheaper test than comparing strides)
-            if t.shape != shape or not (t.is_contiguous() if contiguous else t.stride() == strides):
-                _fail("gradient or state laid out unlike the parameter")
-    ptrs = array("Q", [t.data_ptr() for t in tensors])
-    numels = array("q", [t.numel() for t in tensors])
-    codes = array("i", [DTYPE_CODES.get(t.dtype, -1) for t in tensors])
-    return ptrs, numels, codes
+def _check_set(group: list[Tensor]) -> None:
+    """The tensors of a parameter (gradient, parameter, state...) are addressed as flat storage, so they must
+    share its dense layout, with the first dimension outermost (rows contiguous)."""
+    param = group[1]
+    shape = param.shape
+    contiguous = param.is_contiguous()
+    strides = None
+    if not contiguous:
+        strides = param.stride()
+        if not is_dense(param):
+            _fail("the parameter is not dense")
+        if param.dim() > 1 and strides[0] * shape[0] != param.numel():
+            _fail("the parameter's first dimension is not outermost")
+    for t in group:
+        if not t.is_cpu:
+            _fail("every tensor must be on the CPU")
+        # equal shapes, both contiguous: the same flat layout (a cheaper test than comparing strides)
+        if t.shape != shape or not (t.is_contiguous() if contiguous else t.stride() == strides):
+            _fail("gradient or state laid out unlike the parameter")
+
+
+class TensorTable:
+    """What a kernel call reads of its tensors: per tensor its data pointer, elements and dtype code.
+
+    ``tensors`` come in sets of ``per`` (gradient, parameter, state...), each set checked by ``_check_set``. The
+    cpu backend makes one table per step, read by both passes, and hands it the table of the step before
+    (``known``): a set whose parameter and state tensors are the same objects at the same addresses, with the same
+    elements and dtypes, was checked then, so only its gradient (a new tensor every step) is checked again.
+    Pointers, elements and dtypes are read anew at every step: the C side bounds every run by them.
+    """
+
+    def __init__(self, tensors: list[Tensor], per: int, known: TensorTable | None = None) -> None:
+        if len(tensors) % per:
+            _fail("tensors are not whole tensor sets")
+        ptrs = [t.data_ptr() for t in tensors]
+        numels = [t.numel() for t in tensors]
+        codes = [DTYPE_CODES.get(t.dtype, -1) for t in tensors]
+        if known is not None and (known.per != per or len(known.kept) != len(tensors)):
+            known = None
+        for base in range(0, len(tensors), per):
+            group = tensors[base : base + per]
+            rest = slice(base + 1, base + per)
+            if (
+                known is not None
+                and all(map(operator.is_, group[1:], known.kept[rest]))
+                and ptrs[rest] == known.ptrs[rest]
+                and numels[rest] == known.numels[rest]
+                and codes[rest] == known.codes[rest]
+            ):
+                _check_set(group[:2])  # the gradient against the parameter
+            else:
+                _check_set(group)
+        self.per = per
+        self.kept = [None if i % per == 0 else t for i, t in enumerate(tensors)]  # no gradient outlives its step
+        self.ptrs, self.numels, self.codes = ptrs, numels, codes
+        self.arrays = (array("Q", ptrs), array("q", numels), array("i", codes))  # what the C side reads
+        self.count = len(tensors)
 
 
 def _address(a: array) -> int:
@@ -489,8 +521,9 @@ class CpuKernels:
 
     ``adam_first``/``sgd_first(tensors, runs, scalars, stats, spec_coef)``: pass 1 of every run (moments, row sums;
     finishes full and speculated runs). ``adam_second``/``sgd_second(tensors, runs, scalars, coef, spec_coef,
-    decay)``: pass 2 (projection, decay, step, or a repair); returns the rows written per run. ``decide(stats,
-    counts, row_len, numel, delta, eps)``: ``projection.decide`` on a CPU stats buffer.
+    decay)``: pass 2 (projection, decay, step, or a repair); returns the rows written per run. ``tensors`` is a list
+    (checked at each call) or a ``TensorTable``. ``decide(stats, counts, row_len, numel, delta, eps)``:
+    ``projection.decide`` on a CPU stats buffer.
     """
 
     def __init__(self, lib: ctypes.CDLL, spec: BuildSpec, built: bool) -> None:
@@ -520,16 +553,20 @@ class CpuKernels:
             raise RuntimeError(err.value.decode(errors="replace"))
 
     @staticmethod
-    def _runs(kind: str, tensors: list[Tensor], runs: Tensor, scalars: Tensor) -> tuple[list, tuple]:
+    def _runs(kind: str, tensors: list[Tensor] | TensorTable, runs: Tensor, scalars: Tensor) -> tuple[list, tuple]:
         """The leading arguments of a pass (tensor table, runs, scalars), and the arrays they point into
         (the caller keeps them alive through the call)."""
-        arrays = _tensors(tensors, TENSORS_PER_PARAM[kind])
+        per = TENSORS_PER_PARAM[kind]
+        table = tensors if isinstance(tensors, TensorTable) else TensorTable(tensors, per)
+        if table.per != per:
+            _fail(f"a table of tensor sets of {table.per} given to the {kind} kernels (sets of {per})")
+        arrays = table.arrays
         runs_ptr, count = _table(runs, torch.int64, RUN_COLS, "runs")
         scalars_ptr, scalar_rows = _table(scalars, torch.float64, len(SCALAR_COLUMNS[kind]), "scalars")
         if scalar_rows != count:
             _fail("scalars must have a row per run")
-        table = [*map(_address, arrays), len(tensors), runs_ptr, count]
-        return [*table, scalars_ptr, scalars.shape[1]], arrays
+        head = [*map(_address, arrays), table.count, runs_ptr, count]
+        return [*head, scalars_ptr, scalars.shape[1]], arrays
 
     def _pass1(self, kind: str, tensors, runs: Tensor, scalars: Tensor, stats: Tensor, spec_coef: Tensor) -> None:
         head, arrays = self._runs(kind, tensors, runs, scalars)  # arrays: alive through the call

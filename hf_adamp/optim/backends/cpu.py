@@ -24,7 +24,8 @@ fp32 parameter), while an outcome that changes from step to step saves the secon
 ``HF_ADAMP_SPECULATE=0`` turns speculation off (two passes for every projectable run).
 
 The tables (``KernelBatch``) are built once per step context and kept while the step's tensors stay the same: a
-step only refills the gradients, the modes and the scalars.
+step only refills the gradients, the modes and the scalars, and checks the layout of the gradients only
+(``kernels.TensorTable``).
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class KernelBatch:
         self.runs = torch.frombuffer(runs, dtype=torch.int64).view(self.count, RUN_COLS) if self.count else None
         self._scalars: array | None = None  # allocated at the first fill, once the row width is known
         self.scalars: Tensor | None = None
+        self.table: kernels.TensorTable | None = None  # this step's, read by both passes; kept for the next one
 
     def first(self, stats: Tensor, spec_coef: Tensor, speculate_env: bool) -> None:
         """Pass 1 of every run: choose each run's mode, fill the scalars, launch."""
@@ -180,9 +182,10 @@ class KernelBatch:
                 if row is None:
                     row = rows[key] = array("d", s.kernel_row(s.projected_decay if key[1] else s.decay))
                 self._put_scalars(j, row)
+        self.table = kernels.TensorTable(self.tensors, self.per, self.table)
         if self.count:
             launch = getattr(kernels.module(), self.family + "_first")
-            launch(self.tensors, self.runs, self.scalars, stats, spec_coef)
+            launch(self.table, self.runs, self.scalars, stats, spec_coef)
 
     def second(self, kinds: list[int], coef: Tensor, spec_coef: Tensor, decay: Tensor) -> None:
         """Pass 2 of the runs pass 1 left unfinished."""
@@ -199,7 +202,7 @@ class KernelBatch:
             pass2 = self.runs.index_select(0, index)
             pass2[:, MODE_COLUMN] = _PASS2_OF[pass2[:, MODE_COLUMN]]
             scalars = self.scalars.index_select(0, index)
-            getattr(kernels.module(), self.family + "_second")(self.tensors, pass2, scalars, coef, spec_coef, decay)
+            getattr(kernels.module(), self.family + "_second")(self.table, pass2, scalars, coef, spec_coef, decay)
 
     def holds_state_of(self, keys: tuple[str, ...]) -> bool:
         """The items' state tensors are still the ones in the tables (none was replaced in the state dicts)."""
