@@ -509,7 +509,6 @@ class TensorTable:
         self.kept = [None if i % per == 0 else t for i, t in enumerate(tensors)]  # no gradient outlives its step
         self.ptrs, self.numels, self.codes = ptrs, numels, codes
         self.arrays = (array("Q", ptrs), array("q", numels), array("i", codes))  # what the C side reads
-        self.count = len(tensors)
 
 
 def _address(a: array) -> int:
@@ -565,7 +564,7 @@ class CpuKernels:
         scalars_ptr, scalar_rows = _table(scalars, torch.float64, len(SCALAR_COLUMNS[kind]), "scalars")
         if scalar_rows != count:
             _fail("scalars must have a row per run")
-        head = [*map(_address, arrays), table.count, runs_ptr, count]
+        head = [*map(_address, arrays), len(table.kept), runs_ptr, count]
         return [*head, scalars_ptr, scalars.shape[1]], arrays
 
     def _pass1(self, kind: str, tensors, runs: Tensor, scalars: Tensor, stats: Tensor, spec_coef: Tensor) -> None:

@@ -182,8 +182,8 @@ class KernelBatch:
                 if row is None:
                     row = rows[key] = array("d", s.kernel_row(s.projected_decay if key[1] else s.decay))
                 self._put_scalars(j, row)
-        self.table = kernels.TensorTable(self.tensors, self.per, self.table)
         if self.count:
+            self.table = kernels.TensorTable(self.tensors, self.per, self.table)
             launch = getattr(kernels.module(), self.family + "_first")
             launch(self.table, self.runs, self.scalars, stats, spec_coef)
 
